@@ -1,0 +1,44 @@
+"""The ``cm3jax`` command: ``cm3jax COMMAND --config=configs/lm.py:PRESET [--config.FIELD=VALUE ...]``.
+
+Commands:
+  quickstart   fit a few token sequences on the mesh, then regenerate them with the KV cache
+  config       print the resolved, validated config
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_REPO_CONFIG = pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'lm.py'
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', f'{_REPO_CONFIG}:tiny', 'A config file and its preset, e.g. configs/lm.py:tiny.',
+    lock_config=True)
+
+
+def _quickstart(config) -> None:
+    from cm3jax import quickstart
+    quickstart.run(config)
+
+
+def _show_config(config) -> None:
+    from cm3jax import configuration
+    print(configuration.validate(config))
+
+
+COMMANDS = {'quickstart': _quickstart, 'config': _show_config}
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2 or argv[1] not in COMMANDS:
+        raise app.UsageError(f'usage: cm3jax {{{"|".join(COMMANDS)}}} --config=configs/lm.py:tiny '
+                             f'[--config.model.num_layers=4 ...]; got {argv[1:]}')
+    COMMANDS[argv[1]](_CONFIG.value)
+
+
+def run() -> None:
+    """Console-script entry point."""
+    app.run(main, argv=sys.argv)

@@ -1,0 +1,138 @@
+"""Attention implementations, selectable by ``model.attention``: 'xla', 'cudnn' and 'splash'.
+
+All three compute the same function: causal attention inside a segment, where
+``segment_id == 0`` marks padding or an empty cache slot, and GQA when k/v have fewer heads
+than q. Layout is [batch, length, heads, head_dim] throughout.
+
+- 'xla': plain jnp, runs everywhere; the reference that tests check the others against.
+- 'cudnn': ``jax.nn.dot_product_attention(implementation='cudnn')``, flash attention on NVIDIA
+  GPUs. cuDNN needs float16/bfloat16 inputs.
+- 'splash': the Pallas TPU splash-attention kernel, run per shard under ``jax.shard_map``.
+  It masks by slot order (causal) plus segment ids, which equals the position mask for packed
+  training rows, so it is used for full-sequence passes of lengths that are a multiple of its
+  block size; cached decoding always takes the 'xla' path.
+
+Where the backend lacks a kernel, the call falls back to 'xla' and logs once why.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+from jax.sharding import PartitionSpec as P
+
+IMPLEMENTATIONS = ('xla', 'cudnn', 'splash')
+SPLASH_BLOCK = 128
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning(message)
+
+
+def attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions) -> jax.Array:
+    """Bool[B, 1, T, S]: same non-zero segment, and the key's position <= the query's."""
+    same = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (kv_segment_ids[:, None, :] != 0)
+    causal = kv_positions[:, None, :] <= q_positions[:, :, None]
+    return (same & causal)[:, None]
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """q: [B, T, H, D], k/v: [B, S, KV, D], mask: Bool[B, 1, T, S] -> [B, T, H, D].
+
+    Logits and softmax in float32. A fully masked row (a padding query) gets a uniform
+    distribution instead of NaN; its output is never used.
+    """
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    q = (q * d**-0.5).reshape(b, t, kv_heads, h // kv_heads, d)
+    logits = jnp.einsum('btkgd,bskd->bkgts', q, k, preferred_element_type=jnp.float32)
+    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum('bkgts,bskd->btkgd', probs, v)
+    return out.reshape(b, t, h, d)
+
+
+def cudnn_attention(q, k, v, mask, *, causal: bool) -> jax.Array:
+    """cuDNN flash attention; the segment mask goes in as a bias, ``is_causal`` lets cuDNN skip
+    the upper triangle when query and key slots are aligned (no cache)."""
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation='cudnn')
+
+
+def splash_attention(q, k, v, q_segment_ids, kv_segment_ids, *, interpret: bool = False) -> jax.Array:
+    """Pallas splash attention for a full causal pass (T == S, T % 128 == 0).
+
+    q: [B, T, H, D], k/v: [B, T, KV, D], segment ids: [B, T]. Under a mesh the kernel runs per
+    shard: batch over the axes of ``act_batch`` and heads over those of ``act_heads``.
+    ``interpret=True`` runs the kernel in the Pallas interpreter (any backend; slow), which is
+    how the CPU tests check it.
+    """
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    d = q.shape[-1]
+
+    def per_shard(q, k, v, q_seg, kv_seg):
+        heads, length = q.shape[2], q.shape[1]
+        mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * heads)
+        block = min(SPLASH_BLOCK, length)
+        sizes = splash.BlockSizes(
+            block_q=block, block_kv=block, block_kv_compute=block,
+            block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+            block_q_dq=block, block_kv_dq=block)
+        kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                        interpret=interpret)
+
+        def one(q, k, v, q_seg, kv_seg):  # kernel layout: heads first, no batch
+            out = kernel(q.swapaxes(0, 1) * d**-0.5, k.swapaxes(0, 1), v.swapaxes(0, 1),
+                         segment_ids=splash.SegmentIds(q=q_seg, kv=kv_seg))
+            return out.swapaxes(0, 1)
+
+        return jax.vmap(one)(q, k, v, q_seg, kv_seg)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return per_shard(q, k, v, q_segment_ids, kv_segment_ids)
+    qkv_spec = nn.logical_to_mesh_axes(('act_batch', None, 'act_heads', None))
+    seg_spec = P(qkv_spec[0], None)
+    return jax.shard_map(per_shard, mesh=mesh, in_specs=(qkv_spec,) * 3 + (seg_spec,) * 2,
+                         out_specs=qkv_spec, check_vma=False)(q, k, v, q_segment_ids, kv_segment_ids)
+
+
+def attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
+              implementation: str = 'xla', cached: bool = False) -> jax.Array:
+    """Dispatch to an implementation; see the module docstring.
+
+    q: [B, T, H, D]; k, v: [B, S, KV, D]; segment ids and positions: [B, T] and [B, S].
+    ``cached`` says k/v are cache slots rather than the same T tokens as q.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f'model.attention={implementation!r} is unknown; use one of {IMPLEMENTATIONS}')
+    backend = jax.default_backend()
+    if implementation == 'splash':
+        length = q.shape[1]
+        if backend != 'tpu':
+            _warn_once(f"model.attention='splash' needs a TPU (backend is {backend!r}); using 'xla'")
+        elif cached:
+            pass  # decoding reads a cache; splash is a full-sequence kernel
+        elif length % SPLASH_BLOCK:
+            _warn_once(f"model.attention='splash' needs the length to be a multiple of "
+                       f"{SPLASH_BLOCK} (got {length}); using 'xla'")
+        else:
+            return splash_attention(q, k, v, q_segment_ids, kv_segment_ids)
+    mask = attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions)
+    if implementation == 'cudnn':
+        if backend != 'gpu':
+            _warn_once(f"model.attention='cudnn' needs an NVIDIA GPU (backend is {backend!r}); using 'xla'")
+        elif q.dtype not in (jnp.bfloat16, jnp.float16):
+            _warn_once(f"model.attention='cudnn' needs model.dtype bfloat16 or float16 "
+                       f"(got {np.dtype(q.dtype).name}); using 'xla'")
+        else:
+            return cudnn_attention(q, k, v, mask, causal=not cached)
+    return xla_attention(q, k, v, mask)

@@ -1,0 +1,119 @@
+"""Building blocks of the transformer: initialisers, norms, the MLP and rotary embeddings.
+
+Every parameter carries logical axis names (``embed``, ``mlp``, ``heads``, ``kv``, ``vocab``,
+``norm``) so that `cm3jax.parallel` can map them onto a mesh. Kernels are created with
+``self.param`` and applied with ``jnp.einsum`` rather than ``nn.DenseGeneral``: a 3-D logically
+partitioned DenseGeneral kernel breaks under an active mesh (see TRAPS.md).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+
+def trunc_normal(std: float):
+    """Normal(0, std) truncated at +-3 std (CM3leon, PAPER.md section 4).
+
+    ``jax.nn.initializers.truncated_normal`` rescales so that the *truncated* distribution has
+    the given std; we want the paper's plain "std 0.006, cut at 3 std", so draw a standard
+    normal truncated at 3 and scale it.
+    """
+
+    def init(key, shape, dtype=jnp.float32):
+        return std * jax.random.truncated_normal(key, -3.0, 3.0, shape, dtype)
+
+    return init
+
+
+def param(module: nn.Module, name: str, init, shape: Sequence[int], axes: tuple, dtype):
+    """A parameter with logical axis names attached (unboxed by ``nn.unbox`` / ``init_sharded``)."""
+    return module.param(name, nn.with_logical_partitioning(init, axes), tuple(shape), dtype)
+
+
+class Norm(nn.Module):
+    """LayerNorm or RMSNorm over the last axis, computed in float32.
+
+    CM3leon's LayerNorm has no learnable parameters (``use_params=False``); Chameleon's RMSNorm
+    has a scale.
+
+    Attributes:
+      kind: 'layernorm' or 'rmsnorm'.
+      use_params: learnable scale (and bias, for layernorm).
+      eps: added to the variance.
+      feature_axes: logical names of the scale's axes; a per-head QK-norm uses
+        ``('heads', 'kv')`` with a ``[H, D]`` scale.
+    """
+
+    kind: str = 'layernorm'
+    use_params: bool = False
+    eps: float = 1e-5
+    feature_shape: tuple[int, ...] | None = None
+    feature_axes: tuple[str | None, ...] = ('norm',)
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [..., d] -> [..., d], in x's dtype."""
+        dtype = x.dtype
+        x = x.astype(jnp.float32)
+        if self.kind == 'layernorm':
+            x = x - x.mean(-1, keepdims=True)
+        y = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps)
+        if self.use_params:
+            shape = self.feature_shape or (x.shape[-1],)
+            y = y * param(self, 'scale', nn.initializers.ones, shape, self.feature_axes, self.param_dtype)
+            if self.kind == 'layernorm':
+                y = y + param(self, 'bias', nn.initializers.zeros, shape, self.feature_axes, self.param_dtype)
+        return y.astype(dtype)
+
+
+class Mlp(nn.Module):
+    """The feed-forward branch: GELU (CM3leon, 4x) or SwiGLU (Chameleon).
+
+    The output projection is zero-initialised when ``zero_init_out`` (CM3leon: "the output
+    layers are initialised at 0"), so every residual branch starts as the identity.
+    """
+
+    kind: str
+    hidden_dim: int
+    init_std: float
+    zero_init_out: bool
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [B, T, d] -> [B, T, d]."""
+        d = x.shape[-1]
+        init = trunc_normal(self.init_std)
+        out_init = nn.initializers.zeros if self.zero_init_out else init
+        w_in = param(self, 'wi', init, (d, self.hidden_dim), ('embed', 'mlp'), self.param_dtype)
+        h = jnp.einsum('btd,df->btf', x, w_in.astype(self.dtype))
+        if self.kind == 'gelu':
+            # exact GELU, as torch.nn.GELU() computes it
+            h = nn.gelu(h, approximate=False)
+        else:
+            w_gate = param(self, 'wg', init, (d, self.hidden_dim), ('embed', 'mlp'), self.param_dtype)
+            h = nn.silu(jnp.einsum('btd,df->btf', x, w_gate.astype(self.dtype))) * h
+        h = nn.with_logical_constraint(h, ('act_batch', 'act_len', 'act_mlp'))
+        w_out = param(self, 'wo', out_init, (self.hidden_dim, d), ('mlp', 'embed'), self.param_dtype)
+        return jnp.einsum('btf,fd->btd', h, w_out.astype(self.dtype))
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding in the rotate-half layout (Llama / HF Chameleon).
+
+    x: [B, T, N, D] with D even; positions: [B, T] int. Returns x's shape and dtype. The angle
+    is computed in float32 so that positions in the thousands keep their precision in bf16.
+    """
+    half = x.shape[-1] // 2
+    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle = positions.astype(jnp.float32)[..., None, None] * freq  # [B, T, 1, D/2]
+    sin, cos = jnp.sin(angle), jnp.cos(angle)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)

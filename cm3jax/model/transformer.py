@@ -1,0 +1,273 @@
+"""The decoder-only transformer: CM3leon by default, Chameleon's changes as independent switches.
+
+CM3leon (PAPER.md section 4): pre-LN with parameter-free LayerNorm, no biases, no dropout,
+learned absolute positions (init std 2e-4), GELU MLP, trunc-normal(0.006, 3 std) init and
+zero-initialised residual output projections.
+Chameleon: RMSNorm, SwiGLU, RoPE, per-head QK-norm, swin-norm placement and GQA; each is a
+field of `TransformerConfig`, so ablations can mix them.
+
+Params are plain pytrees: ``params = model.init(rng, tokens)['params']``, then
+``model.apply({'params': params}, tokens)``. Decoding uses an explicit cache pytree
+(`init_cache`, `prefill`, `decode_step`); no Flax mutable collections.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from cm3jax.model.attention import attention
+from cm3jax.model.layers import Mlp, Norm, param, rope, trunc_normal
+
+Cache = dict[str, jax.Array]
+
+REMAT_POLICIES = {
+    'none': None,  # no rematerialisation
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_saveable,
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Static hyperparameters; ``cm3jax.configuration.transformer_config`` builds one from a
+    ConfigDict. Defaults are CM3leon's."""
+
+    vocab_size: int  # real ids; logits of ids in [vocab_size, padded_vocab_size) are masked
+    padded_vocab_size: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    mlp_dim: int
+    max_len: int
+    norm: str = 'layernorm'  # 'layernorm' | 'rmsnorm'
+    norm_params: bool = False  # CM3leon: LayerNorm without learnable params
+    norm_eps: float = 1e-5
+    norm_placement: str = 'pre'  # 'pre': x + f(norm(x)); 'swin': x + norm(f(x))
+    mlp: str = 'gelu'  # 'gelu' | 'swiglu'
+    position: str = 'learned'  # 'learned' | 'rope'
+    rope_theta: float = 10000.0
+    qk_norm: bool = False
+    tie_embeddings: bool = True
+    init_std: float = 0.006
+    pos_init_std: float = 2e-4
+    zero_init_out: bool = True
+    attention: str = 'xla'
+    scan_layers: bool = True
+    remat: str = 'none'
+    dtype: Any = jnp.float32  # compute dtype
+    param_dtype: Any = jnp.float32
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+    """[B, T] segment ids -> [B, T] positions that restart at 0 where a segment starts."""
+    idx = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
+def _lookup(table: jax.Array, ids: jax.Array, row_axis: str | None) -> jax.Array:
+    """table[ids] from a table made whole along 'embed' first (as FSDP gathers every weight
+    before use): gathering from an fsdp-split table makes the partitioner replicate the output."""
+    return jnp.take(nn.with_logical_constraint(table, (row_axis, None)), ids, axis=0)
+
+
+class Attention(nn.Module):
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x, segment_ids, positions, kv_segment_ids, kv_positions, layer_cache, end):
+        """x: [B, T, d]. With a layer cache {'k','v': [B, S, KV, D]}, this step's k/v are
+        written at slots [end, end+T) and attention reads all S slots."""
+        cfg = self.cfg
+        d, h, kvh, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        init = trunc_normal(cfg.init_std)
+        out_init = nn.initializers.zeros if cfg.zero_init_out else init
+        wq = param(self, 'wq', init, (d, h, hd), ('embed', 'heads', 'kv'), cfg.param_dtype)
+        wk = param(self, 'wk', init, (d, kvh, hd), ('embed', 'kv_heads', 'kv'), cfg.param_dtype)
+        wv = param(self, 'wv', init, (d, kvh, hd), ('embed', 'kv_heads', 'kv'), cfg.param_dtype)
+        wo = param(self, 'wo', out_init, (h, hd, d), ('heads', 'kv', 'embed'), cfg.param_dtype)
+        q = jnp.einsum('btd,dhk->bthk', x, wq.astype(cfg.dtype))
+        k = jnp.einsum('btd,dhk->bthk', x, wk.astype(cfg.dtype))
+        v = jnp.einsum('btd,dhk->bthk', x, wv.astype(cfg.dtype))
+        if cfg.qk_norm:  # Chameleon: LayerNorm over head_dim, its own weight and bias per head
+            q = Norm('layernorm', True, cfg.norm_eps, (h, hd), ('heads', 'kv'), name='q_norm')(q)
+            k = Norm('layernorm', True, cfg.norm_eps, (kvh, hd), ('kv_heads', 'kv'), name='k_norm')(k)
+        if cfg.position == 'rope':
+            q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+        q = nn.with_logical_constraint(q, ('act_batch', 'act_len', 'act_heads', None))
+        k = nn.with_logical_constraint(k, ('act_batch', 'act_len', 'act_kv_heads', None))
+        new_cache = None
+        if layer_cache is not None:
+            new_cache = {name: jax.lax.dynamic_update_slice_in_dim(layer_cache[name], val.astype(layer_cache[name].dtype), end, axis=1)
+                         for name, val in (('k', k), ('v', v))}
+            k, v = new_cache['k'].astype(cfg.dtype), new_cache['v'].astype(cfg.dtype)
+        out = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                        q_positions=positions, kv_positions=kv_positions,
+                        implementation=cfg.attention, cached=layer_cache is not None)
+        out = nn.with_logical_constraint(out, ('act_batch', 'act_len', 'act_heads', None))
+        return jnp.einsum('bthk,hkd->btd', out, wo.astype(cfg.dtype)), new_cache
+
+
+class Block(nn.Module):
+    """One layer; returns (x, layer_cache) so that it can be the body of ``nn.scan``."""
+
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x, layer_cache, segment_ids, positions, kv_segment_ids, kv_positions, end):
+        cfg = self.cfg
+        norm = lambda name: Norm(cfg.norm, cfg.norm_params, cfg.norm_eps, name=name)
+        attn = Attention(cfg, name='attn')
+        mlp = Mlp(cfg.mlp, cfg.mlp_dim, cfg.init_std, cfg.zero_init_out, cfg.dtype, cfg.param_dtype, name='mlp')
+        ctx = (segment_ids, positions, kv_segment_ids, kv_positions, layer_cache, end)
+        if cfg.norm_placement == 'pre':
+            y, layer_cache = attn(norm('attn_norm')(x), *ctx)
+            x = x + y
+            x = x + mlp(norm('mlp_norm')(x))
+        else:  # swin (Chameleon-34B): normalise the branch output, not its input
+            y, layer_cache = attn(x, *ctx)
+            x = x + norm('attn_norm')(y)
+            x = x + norm('mlp_norm')(mlp(x))
+        x = nn.with_logical_constraint(x, ('act_batch', 'act_len', 'act_embed'))
+        return x, layer_cache
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM.
+
+    ``__call__(tokens, segment_ids=None, positions=None)`` -> logits Float[B, T, V_padded];
+    with ``cache=...`` it returns ``(logits, new_cache)`` (see `prefill`, `decode_step`).
+    segment_ids: [B, T], 0 marks padding, packed documents have distinct ids (default: all 1).
+    positions: [B, T] (default: restart at 0 at each segment start).
+    """
+
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, tokens, segment_ids=None, positions=None, cache: Cache | None = None):
+        cfg = self.cfg
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(tokens, jnp.int32)
+        if positions is None:
+            positions = positions_from_segments(segment_ids)
+        embed = param(self, 'embed', trunc_normal(cfg.init_std), (cfg.padded_vocab_size, cfg.d_model),
+                      ('vocab', 'embed'), cfg.param_dtype)
+        x = _lookup(embed, tokens, 'vocab').astype(cfg.dtype)
+        if cfg.position == 'learned':
+            pos_embed = param(self, 'pos_embed', trunc_normal(cfg.pos_init_std), (cfg.max_len, cfg.d_model),
+                              (None, 'embed'), cfg.param_dtype)
+            x = x + _lookup(pos_embed, positions, None).astype(cfg.dtype)
+        x = nn.with_logical_constraint(x, ('act_batch', 'act_len', 'act_embed'))
+
+        end = None
+        kv_segment_ids, kv_positions = segment_ids, positions
+        if cache is not None:
+            end = cache['end']
+            kv_segment_ids = jax.lax.dynamic_update_slice_in_dim(cache['segment_ids'], segment_ids, end, axis=1)
+            kv_positions = jax.lax.dynamic_update_slice_in_dim(cache['positions'], positions, end, axis=1)
+        layer_cache = None if cache is None else {'k': cache['k'], 'v': cache['v']}
+        ctx = (segment_ids, positions, kv_segment_ids, kv_positions, end)
+
+        block = Block
+        if cfg.remat != 'none':
+            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
+                            in_axes=(0,) + (nn.broadcast,) * len(ctx), length=cfg.num_layers,
+                            metadata_params={nn.PARTITION_NAME: 'layers'})(cfg, name='layers')
+            x, layer_cache = stack(x, layer_cache, *ctx)
+        else:
+            new_layers = []
+            for i in range(cfg.num_layers):
+                this = None if layer_cache is None else jax.tree.map(lambda c: c[i], layer_cache)
+                x, this = block(cfg, name=f'layers_{i}')(x, this, *ctx)
+                new_layers.append(this)
+            if layer_cache is not None:
+                layer_cache = jax.tree.map(lambda *c: jnp.stack(c), *new_layers)
+
+        x = Norm(cfg.norm, cfg.norm_params, cfg.norm_eps, name='final_norm')(x)
+        if cfg.tie_embeddings:
+            logits = jnp.einsum('btd,vd->btv', x, embed.astype(cfg.dtype), preferred_element_type=jnp.float32)
+        else:
+            head = param(self, 'lm_head', trunc_normal(cfg.init_std), (cfg.d_model, cfg.padded_vocab_size),
+                         ('embed', 'vocab'), cfg.param_dtype)
+            logits = jnp.einsum('btd,dv->btv', x, head.astype(cfg.dtype), preferred_element_type=jnp.float32)
+        if cfg.padded_vocab_size > cfg.vocab_size:  # padding ids exist only for sharding
+            valid = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
+            logits = jnp.where(valid, logits, jnp.finfo(logits.dtype).min)
+        logits = nn.with_logical_constraint(logits, ('act_batch', 'act_len', 'act_vocab'))
+        if cache is None:
+            return logits
+        new_cache = dict(layer_cache, segment_ids=kv_segment_ids, positions=kv_positions,
+                         end=end + tokens.shape[1])
+        return logits, new_cache
+
+
+# --- the KV-cache path ---------------------------------------------------------------------
+
+CACHE_AXES = {
+    'k': ('layers', 'act_batch', None, 'act_kv_heads', None),
+    'v': ('layers', 'act_batch', None, 'act_kv_heads', None),
+    'segment_ids': ('act_batch', None),
+    'positions': ('act_batch', None),
+    'end': (),
+}
+
+
+def init_cache(cfg: TransformerConfig, batch: int, max_len: int, dtype=None) -> Cache:
+    """An empty cache of ``max_len`` slots per row.
+
+    k, v: [L, B, S, KV, D] (``dtype``, default the compute dtype); segment_ids, positions:
+    [B, S] int32 (0 = empty slot); end: int32 scalar, the next slot written. Logical axes for
+    sharding it are in ``CACHE_AXES``.
+    """
+    if max_len > cfg.max_len and cfg.position == 'learned':
+        raise ValueError(f'a cache of {max_len} slots exceeds model.max_len={cfg.max_len}; '
+                         f'learned positions exist only up to max_len')
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    dtype = dtype or cfg.dtype
+    return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype),
+            'segment_ids': jnp.zeros((batch, max_len), jnp.int32),
+            'positions': jnp.zeros((batch, max_len), jnp.int32),
+            'end': jnp.zeros((), jnp.int32)}
+
+
+def prefill(model: Transformer, params, cache: Cache, tokens, segment_ids=None, positions=None):
+    """Run a prompt batch through the model and write it into the cache.
+
+    tokens: [B, T]; segment_ids: [B, T] with 0 on padding, so ragged prompts may be left- or
+    right-padded (default: all 1); positions default to restarting per segment.
+    Returns (logits [B, T, V], cache). Call it on an empty cache (or pass positions).
+    """
+    slots = cache['segment_ids'].shape[1]
+    if tokens.shape[1] > slots:
+        raise ValueError(f'the prompt has {tokens.shape[1]} tokens but the cache only {slots} slots; '
+                         f'pass a larger max_len to init_cache')
+    if segment_ids is None:
+        segment_ids = jnp.ones_like(tokens, jnp.int32)
+    return model.apply({'params': params}, tokens, segment_ids, positions, cache=cache)
+
+
+def decode_step(model: Transformer, params, cache: Cache, tokens):
+    """Append one token per row and return (logits [B, V], cache).
+
+    tokens: [B]. Each token continues its row's last segment at the next position, whatever
+    padding the prompt had. The caller keeps ``cache['end']`` below the cache length.
+    """
+    seg = cache['segment_ids']
+    last = seg.max(axis=1, keepdims=True)  # [B, 1]; prompts of zero length start segment 1
+    pos = jnp.where((seg == last) & (seg != 0), cache['positions'] + 1, 0).max(axis=1, keepdims=True)
+    logits, cache = model.apply({'params': params}, tokens[:, None], jnp.maximum(last, 1), pos, cache=cache)
+    return logits[:, 0], cache

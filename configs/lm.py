@@ -1,0 +1,103 @@
+"""Language-model configs: CM3leon sizes from PAPER.md section 4, and Chameleon's switches.
+
+``get_config(arg)``: ``arg`` is a size preset, optionally followed by ``,chameleon`` to turn
+on Chameleon's architecture switches at that size (``tiny,chameleon``).
+
+Presets and their launch commands (override any field with ``--config.FIELD=VALUE``):
+
+  tiny           2 layers, d_model 64; the tests and the quickstart use it.
+                 cm3jax quickstart --config=configs/lm.py:tiny
+  cm3leon_350m   24 layers, d_model 1024, 16 heads, seq 4096.
+                 cm3jax quickstart --config=configs/lm.py:cm3leon_350m --config.mesh.ici="(1,-1,1)"
+  cm3leon_760m   24 layers, d_model 1536, 16 heads, seq 4096.
+                 cm3jax quickstart --config=configs/lm.py:cm3leon_760m --config.mesh.ici="(1,-1,1)"
+  cm3leon_7b     32 layers, d_model 4096, 32 heads, seq 4096; FSDP x tensor parallel.
+                 cm3jax quickstart --config=configs/lm.py:cm3leon_7b --config.mesh.ici="(1,-1,4)" --config.model.dtype=bfloat16
+  chameleon      Chameleon-7B: RMSNorm, SwiGLU (11008), RoPE, QK-norm, 65,536 ids, z-loss 1e-5.
+                 cm3jax quickstart --config=configs/lm.py:chameleon --config.mesh.ici="(1,-1,4)" --config.model.dtype=bfloat16
+"""
+
+from ml_collections import ConfigDict
+
+# CM3leon's joint vocabulary: 56,320 text ids (PAPER.md section 1) plus 8,192 image codes.
+CM3LEON_VOCAB = 56_320 + 8_192
+CHAMELEON_VOCAB = 65_536  # BPE that already holds the 8,192 image codes
+
+SIZES = {  # name: (num_layers, d_model, num_heads)
+    'tiny': (2, 64, 4),
+    'cm3leon_350m': (24, 1024, 16),
+    'cm3leon_760m': (24, 1536, 16),
+    'cm3leon_7b': (32, 4096, 32),
+    'chameleon': (32, 4096, 32),
+}
+
+
+def get_config(arg: str = 'tiny') -> ConfigDict:
+    size, *modifiers = [part.strip() for part in arg.split(',')]
+    if size not in SIZES:
+        raise ValueError(f'unknown preset {size!r} in configs/lm.py:{arg}; choose from {sorted(SIZES)}')
+    unknown = set(modifiers) - {'chameleon'}
+    if unknown:
+        raise ValueError(f'unknown modifier(s) {sorted(unknown)} in configs/lm.py:{arg}; the only one is "chameleon"')
+    layers, d_model, heads = SIZES[size]
+
+    config = ConfigDict()
+    config.seed = 0
+    config.model = m = ConfigDict()
+    m.vocab_size = 512 if size == 'tiny' else CM3LEON_VOCAB
+    m.vocab_multiple = 128  # padded up further so the mesh axes of 'vocab' divide it
+    m.num_layers = layers
+    m.d_model = d_model
+    m.num_heads = heads
+    m.num_kv_heads = heads
+    m.mlp_dim = 4 * d_model
+    m.max_len = 128 if size == 'tiny' else 4096
+    m.norm = 'layernorm'
+    m.norm_params = False
+    m.norm_eps = 1e-5
+    m.norm_placement = 'pre'
+    m.mlp = 'gelu'
+    m.position = 'learned'
+    m.rope_theta = 10_000.0
+    m.qk_norm = False
+    m.tie_embeddings = True
+    m.init_std = 0.006
+    m.pos_init_std = 2e-4
+    m.zero_init_out = True
+    m.attention = 'xla'  # 'xla' | 'cudnn' (NVIDIA GPU) | 'splash' (TPU)
+    m.scan_layers = True
+    m.remat = 'none' if size == 'tiny' else 'full'
+    m.dtype = 'float32'  # compute dtype; params stay float32
+    m.param_dtype = 'float32'
+
+    config.loss = ConfigDict({'z_loss': 0.0})
+    config.mesh = ConfigDict({'ici': (1, -1, 1), 'dcn': (1, 1, 1)})  # ('data', 'fsdp', 'tensor')
+    config.sharding = ConfigDict({'rules': ()})  # () = cm3jax.parallel.DEFAULT_RULES
+
+    # The quickstart: fit a few fixed token patterns, then regenerate them with the KV cache.
+    config.quickstart = ConfigDict({'batch': 8, 'seq_len': 64, 'steps': 150, 'learning_rate': 3e-3,
+                                    'prompt_len': 8})
+
+    if size == 'chameleon' or 'chameleon' in modifiers:
+        apply_chameleon(config, full_size=size == 'chameleon')
+    return config
+
+
+def apply_chameleon(config: ConfigDict, full_size: bool) -> None:
+    """Chameleon's stability changes (PAPER.md section 4); swin-norm stays off as at 7B."""
+    m = config.model
+    m.norm = 'rmsnorm'
+    m.norm_params = True
+    m.mlp = 'swiglu'
+    m.position = 'rope'
+    m.qk_norm = True
+    m.zero_init_out = False
+    m.init_std = 0.02
+    m.tie_embeddings = False
+    config.loss.z_loss = 1e-5
+    if full_size:
+        m.vocab_size = CHAMELEON_VOCAB
+        m.mlp_dim = 11_008
+    else:
+        m.mlp_dim = 2 * m.d_model
+        m.num_kv_heads = max(1, m.num_heads // 2)  # exercise GQA at toy size

@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name='cm3jax',
+    version='0.1.0',
+    description='CM3leon in JAX: retrieval-augmented, instruction-tuned token-based multimodal models',
+    long_description=open('README.md').read(),
+    long_description_content_type='text/markdown',
+    python_requires='>=3.10',
+    packages=find_packages(include=['cm3jax', 'cm3jax.*']),
+    install_requires=[
+        'jax==0.10.2',
+        'jaxlib==0.10.2',
+        'flax==0.12.8',
+        'optax==0.2.8',
+        'orbax-checkpoint==0.12.8',
+        'ml-collections>=1.1',
+        'absl-py>=2.1',
+        'numpy>=1.26',
+        'tqdm>=4.66',
+    ],
+    extras_require={
+        'test': ['pytest>=8', 'pytest-xdist>=3.5', 'portpicker>=1.6'],
+        # reference implementations for numerical parity tests (CPU torch from the local wheel)
+        'parity': ['torch==2.13.0', 'transformers>=4.56'],
+        'tf': ['tensorflow-datasets>=4.9.9', 'grain>=0.2.12'],
+    },
+    entry_points={'console_scripts': ['cm3jax=cm3jax.cli:run']},
+)

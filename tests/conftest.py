@@ -1,0 +1,19 @@
+"""Every test sees 8 simulated CPU devices, so sharded code runs on a (2, 2, 2) mesh."""
+
+import os
+import sys
+
+# Must precede the first jax import anywhere in the test session.
+os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # for `configs`
+
+import pytest  # noqa: E402
+
+
+
+@pytest.fixture(scope='session')
+def repo():
+    return REPO

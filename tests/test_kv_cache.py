@@ -1,0 +1,55 @@
+"""Prefill + cached decoding gives the logits of the full forward pass."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cm3jax.model import transformer
+from tests.helpers import build, forward, random_tokens, tiny_config
+
+NEW = 16  # decoded tokens
+
+
+@pytest.mark.parametrize('variant,padding', [('cm3leon', 'right'), ('chameleon', 'right'), ('chameleon', 'left')])
+def test_cached_decode_matches_full_forward_on_ragged_prompts(variant, padding):
+    """Rows with prompts of 3, 7 and 5 tokens share one padded batch; chameleon-tiny has GQA
+    (2 k/v heads for 4 query heads), QK-norm and RoPE."""
+    model, params, _, _ = build(tiny_config(variant))
+    assert variant == 'cm3leon' or model.cfg.num_kv_heads < model.cfg.num_heads
+    lengths = [3, 7, 5]
+    width = max(lengths)
+    seqs = [random_tokens(10 + i, (n + NEW,), 500) for i, n in enumerate(lengths)]
+
+    prompt = np.zeros((3, width), np.int32)
+    segments = np.zeros((3, width), np.int32)
+    for row, (seq, n) in enumerate(zip(seqs, lengths)):
+        cols = slice(0, n) if padding == 'right' else slice(width - n, width)
+        prompt[row, cols], segments[row, cols] = seq[:n], 1
+
+    cache = transformer.init_cache(model.cfg, 3, width + NEW)
+    prefill = jax.jit(lambda p, c, t, s: transformer.prefill(model, p, c, t, s))
+    decode = jax.jit(lambda p, c, t: transformer.decode_step(model, p, c, t))
+    logits, cache = prefill(params, cache, prompt, segments)
+    last_cols = [n - 1 if padding == 'right' else width - 1 for n in lengths]
+    cached = [[logits[row, col]] for row, col in enumerate(last_cols)]
+    for step in range(NEW):
+        token = jnp.array([seq[n + step] for seq, n in zip(seqs, lengths)])  # teacher forcing
+        step_logits, cache = decode(params, cache, token)
+        for row in range(3):
+            cached[row].append(step_logits[row])
+    assert int(cache['end']) == width + NEW
+
+    full = forward(model)
+    for row, (seq, n) in enumerate(zip(seqs, lengths)):
+        expected = full(params, seq[None])[0, n - 1:]  # logits after the prompt and each new token
+        np.testing.assert_allclose(np.stack(cached[row]), expected, atol=1e-5, err_msg=f'row {row}')
+
+
+def test_prompt_longer_than_cache_is_rejected():
+    model, params, _, _ = build(tiny_config())
+    cache = transformer.init_cache(model.cfg, 1, 4)
+    with pytest.raises(ValueError, match='larger max_len'):
+        transformer.prefill(model, params, cache, jnp.zeros((1, 6), jnp.int32))
+    with pytest.raises(ValueError, match='max_len'):
+        transformer.init_cache(model.cfg, 1, model.cfg.max_len + 1)
