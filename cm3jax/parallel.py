@@ -88,7 +88,11 @@ def create_mesh(ici: Sequence[int] = (1, -1, 1), dcn: Sequence[int] = (1, 1, 1),
     devices = list(devices if devices is not None else jax.devices())
     ici, dcn = resolve_mesh_shape(ici, dcn, len(devices), count_slices(dcn, devices))
     if math.prod(dcn) > 1:
-        granule = 'slice_index' if hasattr(devices[0], 'slice_index') else 'process_index'
+        granule = _granule(devices)
+        found = len({getattr(d, granule) for d in devices})
+        if found != math.prod(dcn):
+            raise MeshError(f'mesh.dcn={dcn} asks for {math.prod(dcn)} slices but the devices form {found} '
+                            f'(by {granule}); set mesh.dcn to multiply to {found}')
         grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=granule == 'process_index')
     else:
         try:
@@ -104,8 +108,13 @@ def count_slices(dcn: Sequence[int], devices: Sequence[jax.Device] | None = None
     if -1 not in dcn:
         return math.prod(dcn)
     devices = list(devices if devices is not None else jax.devices())
-    key = 'slice_index' if hasattr(devices[0], 'slice_index') else 'process_index'
-    return len({getattr(d, key) for d in devices})
+    return len({getattr(d, _granule(devices)) for d in devices})
+
+
+def _granule(devices) -> str:
+    """What a DCN slice is: a TPU slice where devices know theirs, else a process."""
+    tpu_slices = devices[0].platform == 'tpu' and hasattr(devices[0], 'slice_index')
+    return 'slice_index' if tpu_slices else 'process_index'
 
 
 def mesh_from_config(mesh_config, devices=None) -> Mesh:

@@ -1,0 +1,3 @@
+from cm3jax.cli import run
+
+run()

@@ -1,0 +1,69 @@
+"""Presets, command-line overrides and the errors bad configs raise."""
+
+import subprocess
+import sys
+
+import pytest
+
+from cm3jax import configuration
+from configs import lm
+
+
+@pytest.mark.parametrize('preset', list(lm.SIZES) + ['tiny,chameleon', 'cm3leon_350m,chameleon'])
+def test_presets_validate(preset):
+    config = configuration.validate(lm.get_config(preset), num_devices=8)
+    assert config.model.d_model % config.model.num_heads == 0
+
+
+def test_preset_shapes_follow_the_paper():
+    for preset, (layers, d_model, heads) in {'cm3leon_350m': (24, 1024, 16), 'cm3leon_760m': (24, 1536, 16),
+                                              'cm3leon_7b': (32, 4096, 32)}.items():
+        m = lm.get_config(preset).model
+        assert (m.num_layers, m.d_model, m.num_heads, m.max_len, m.mlp_dim) == (layers, d_model, heads, 4096, 4 * d_model)
+        assert (m.norm, m.norm_params, m.position, m.mlp, m.init_std, m.pos_init_std) == \
+            ('layernorm', False, 'learned', 'gelu', 0.006, 2e-4)
+    c = lm.get_config('chameleon')
+    assert (c.model.norm, c.model.mlp, c.model.position, c.model.qk_norm, c.model.vocab_size, c.loss.z_loss) == \
+        ('rmsnorm', 'swiglu', 'rope', True, 65_536, 1e-5)
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('model.num_heads', 6, r'model.num_heads=6 does not divide model.d_model=64'),
+    ('model.d_model', -64, r'model.d_model=-64 must be positive'),
+    ('model.num_layers', 0, r'model.num_layers=0 must be positive'),
+    ('model.attention', 'flash', r"model.attention='flash' is unknown; choose one of \('xla', 'cudnn', 'splash'\)"),
+    ('model.remat', 'some', r"model.remat='some' is unknown"),
+    ('model.num_kv_heads', 3, r'model.num_kv_heads=3 does not divide model.num_heads=4'),
+    ('mesh.ici', (2, 2, 1), r'mesh.ici=\(2, 2, 1\) has 4 devices but there are 8'),
+    ('mesh.ici', (1, 1, 8), r'model.num_heads=4 is not divisible by the tensor-parallel size 8'),
+    ('mesh.dcn', (1, 2), r'mesh.dcn=\(1, 2\) must have 3 entries'),
+    ('loss.z_loss', -1.0, r'loss.z_loss=-1.0 must be >= 0'),
+])
+def test_bad_configs_name_the_field(field, value, message):
+    config = lm.get_config('tiny')
+    section, name = field.split('.')
+    config[section][name] = value
+    with pytest.raises(configuration.ConfigError, match=message):
+        configuration.validate(config, num_devices=8)
+
+
+def test_unknown_presets_are_rejected():
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        lm.get_config('huge')
+    with pytest.raises(ValueError, match='unknown modifier'):
+        lm.get_config('tiny,llama')
+
+
+def _cli(repo, *args):
+    return subprocess.run([sys.executable, '-m', 'cm3jax', *args], cwd=repo, capture_output=True, text=True, timeout=120)
+
+
+def test_command_line_overrides(repo):
+    out = _cli(repo, 'config', '--config=configs/lm.py:tiny,chameleon', '--config.model.num_layers=4',
+               '--config.mesh.ici=(1,-1,1)')
+    assert out.returncode == 0, out.stderr
+    assert 'num_layers: 4' in out.stdout and 'norm: rmsnorm' in out.stdout
+    bad = _cli(repo, 'config', '--config=configs/lm.py:tiny', '--config.model.num_heads=5')
+    assert bad.returncode != 0 and 'model.num_heads=5 does not divide model.d_model=64' in bad.stderr
+    usage = _cli(repo, 'fly')
+    assert usage.returncode != 0 and 'usage: cm3jax {quickstart|config}' in usage.stderr
