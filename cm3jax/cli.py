@@ -7,6 +7,7 @@ Commands:
 
 from __future__ import annotations
 
+import logging
 import pathlib
 import sys
 
@@ -36,6 +37,8 @@ def main(argv: list[str]) -> None:
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f'usage: cm3jax {{{"|".join(COMMANDS)}}} --config=configs/lm.py:tiny '
                              f'[--config.model.num_layers=4 ...]; got {argv[1:]}')
+    # absl shows INFO; JAX's backend probing ("Unable to initialize backend 'tpu'") is noise here
+    logging.getLogger('jax').setLevel(logging.WARNING)
     COMMANDS[argv[1]](_CONFIG.value)
 
 

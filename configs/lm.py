@@ -75,7 +75,7 @@ def get_config(arg: str = 'tiny') -> ConfigDict:
     config.sharding = ConfigDict({'rules': ()})  # () = cm3jax.parallel.DEFAULT_RULES
 
     # The quickstart: fit a few fixed token patterns, then regenerate them with the KV cache.
-    config.quickstart = ConfigDict({'batch': 8, 'seq_len': 64, 'steps': 150, 'learning_rate': 3e-3,
+    config.quickstart = ConfigDict({'batch': 8, 'seq_len': 64, 'steps': 100, 'learning_rate': 3e-3,
                                     'prompt_len': 8})
 
     if size == 'chameleon' or 'chameleon' in modifiers:
