@@ -1,23 +1,31 @@
-# `make demo` and `make test` each create .venv on first use and install cm3jax into it.
+# `make demo` and `make test` each create .venv on first use and install cm3jax into it
+# (again whenever setup.py changes). `make test` adds the [test] and [parity] extras:
+# pytest, and the CPU torch 2.13.0 + transformers reference models.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cksum setup.py | cut -d' ' -f1)
+HASH := $(shell cksum setup.py | cut -d' ' -f1)
+BASE := $(VENV)/.base-$(HASH)
+TEST := $(VENV)/.test-$(HASH)
 
 .PHONY: demo test clean
 
-$(STAMP): setup.py
+$(BASE): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
-	rm -f $(VENV)/.installed-* && touch $@
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(TEST): $(BASE)
+	$(BIN)/python -m pip install -q -e '.[test,parity]'
+	touch $@
 
 # The showcase on 8 simulated CPU devices, as a (data, fsdp, tensor) = (2, 2, 2) mesh.
-demo: $(STAMP)
+demo: $(BASE)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/cm3jax quickstart \
 		--config=configs/lm.py:tiny --config.mesh.ici='(2,2,2)'
 
-test: $(STAMP)
+test: $(TEST)
 	$(BIN)/python -m pytest -q -n 2 tests
 
 clean:

@@ -22,7 +22,7 @@ setup(
     extras_require={
         'test': ['pytest>=8', 'pytest-xdist>=3.5', 'portpicker>=1.6'],
         # reference implementations for numerical parity tests (CPU torch from the local wheel)
-        'parity': ['torch==2.13.0', 'transformers>=4.56'],
+        'parity': ['torch==2.13.0', 'transformers>=5.24,<6'],
         'tf': ['tensorflow-datasets>=4.9.9', 'grain>=0.2.12'],
     },
     entry_points={'console_scripts': ['cm3jax=cm3jax.cli:run']},

@@ -24,7 +24,7 @@ CHOICES = {
     'param_dtype': ('float32', 'bfloat16'),
 }
 POSITIVE = ('vocab_size', 'vocab_multiple', 'num_layers', 'd_model', 'num_heads', 'num_kv_heads',
-            'mlp_dim', 'max_len', 'norm_eps', 'init_std', 'pos_init_std', 'rope_theta')
+            'mlp_dim', 'max_len', 'norm_eps', 'qk_norm_eps', 'init_std', 'pos_init_std', 'rope_theta')
 
 
 class ConfigError(ValueError):

@@ -61,7 +61,8 @@ def run(config) -> dict[str, float]:
         return optax.apply_updates(params, updates), opt_state, metrics
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        opt_state = jax.jit(optimizer.init)(params)
+        # one program in flight at a time: see generate()
+        opt_state = jax.block_until_ready(jax.jit(optimizer.init)(params))
         step = jax.jit(train_step, donate_argnums=(0, 1), out_shardings=(param_shardings, None, None))
         start, first = time.perf_counter(), None
         bar = tqdm(range(q.steps), desc='fit', disable=jax.process_index() != 0)
@@ -88,24 +89,37 @@ def generate(model, params, tokens, prompt_len: int, total_len: int):
     """Greedy decode from ``tokens[:, :prompt_len]`` to ``total_len`` with the KV cache.
 
     Returns (tokens [B, total_len] as numpy, max |cached - full forward| logit difference,
-    decode seconds).
+    decode seconds). The whole decode is one jitted ``fori_loop``, and each program is waited
+    for before the next starts: with simulated CPU devices on few cores, two collective
+    programs in flight at once can starve XLA's in-process rendezvous of threads and abort.
     """
-    cfg = model.cfg
-    cache = transformer.init_cache(cfg, tokens.shape[0], total_len)
-    prefill = jax.jit(lambda p, c, t: transformer.prefill(model, p, c, t))
-    decode = jax.jit(lambda p, c, t: transformer.decode_step(model, p, c, t), donate_argnums=(1,))
-    logits, cache = prefill(params, cache, tokens[:, :prompt_len])
     new = total_len - prompt_len
-    last, out, step_logits = logits[:, -1], [], [logits[:, -1]]
-    start = time.perf_counter()
-    for i in range(new):
-        token = last.argmax(-1).astype(jnp.int32)
-        out.append(token)
-        if i + 1 < new:
-            last, cache = decode(params, cache, token)
-            step_logits.append(last)
-    generated = jnp.concatenate([tokens[:, :prompt_len], jnp.stack(out, axis=1)], axis=1)
-    decode_s = time.perf_counter() - start
-    full = jax.jit(model.apply)({'params': params}, generated[:, :-1])[:, prompt_len - 1:]
-    cache_error = float(jnp.abs(jnp.stack(step_logits, axis=1) - full).max())
+
+    def decode(params, prompt):
+        cache = transformer.init_cache(model.cfg, prompt.shape[0], total_len)
+        logits, cache = transformer.prefill(model, params, cache, prompt)
+        tokens = jnp.zeros((prompt.shape[0], new), jnp.int32)
+        step_logits = jnp.zeros((prompt.shape[0], new + 1, logits.shape[-1]), logits.dtype)
+
+        def body(i, carry):  # the last step also fills the cache's final slot
+            last, cache, tokens, step_logits = carry
+            token = last.argmax(-1).astype(jnp.int32)
+            last, cache = transformer.decode_step(model, params, cache, token)
+            return last, cache, tokens.at[:, i].set(token), step_logits.at[:, i + 1].set(last)
+
+        carry = (logits[:, -1], cache, tokens, step_logits.at[:, 0].set(logits[:, -1]))
+        _, _, tokens, step_logits = jax.lax.fori_loop(0, new, body, carry)
+        return jnp.concatenate([prompt, tokens], axis=1), step_logits
+
+    @jax.jit
+    def check(params, generated, step_logits):
+        full = model.apply({'params': params}, generated)[:, prompt_len - 1:]
+        return jnp.abs(step_logits - full).max()
+
+    prompt = tokens[:, :prompt_len]
+    compiled = jax.jit(decode).lower(params, prompt).compile()
+    begin = time.perf_counter()
+    generated, step_logits = jax.block_until_ready(compiled(params, prompt))
+    decode_s = time.perf_counter() - begin
+    cache_error = float(check(params, generated, step_logits))
     return np.asarray(multihost_utils.process_allgather(generated, tiled=True)), cache_error, decode_s

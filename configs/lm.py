@@ -60,6 +60,7 @@ def get_config(arg: str = 'tiny') -> ConfigDict:
     m.position = 'learned'
     m.rope_theta = 10_000.0
     m.qk_norm = False
+    m.qk_norm_eps = 1e-5
     m.tie_embeddings = True
     m.init_std = 0.006
     m.pos_init_std = 2e-4

@@ -54,6 +54,7 @@ class TransformerConfig:
     position: str = 'learned'  # 'learned' | 'rope'
     rope_theta: float = 10000.0
     qk_norm: bool = False
+    qk_norm_eps: float = 1e-5  # Chameleon's QK LayerNorm keeps 1e-5 whatever norm_eps is
     tie_embeddings: bool = True
     init_std: float = 0.006
     pos_init_std: float = 2e-4
@@ -102,8 +103,8 @@ class Attention(nn.Module):
         k = jnp.einsum('btd,dhk->bthk', x, wk.astype(cfg.dtype))
         v = jnp.einsum('btd,dhk->bthk', x, wv.astype(cfg.dtype))
         if cfg.qk_norm:  # Chameleon: LayerNorm over head_dim, its own weight and bias per head
-            q = Norm('layernorm', True, cfg.norm_eps, (h, hd), ('heads', 'kv'), name='q_norm')(q)
-            k = Norm('layernorm', True, cfg.norm_eps, (kvh, hd), ('kv_heads', 'kv'), name='k_norm')(k)
+            q = Norm('layernorm', True, cfg.qk_norm_eps, (h, hd), ('heads', 'kv'), name='q_norm')(q)
+            k = Norm('layernorm', True, cfg.qk_norm_eps, (kvh, hd), ('kv_heads', 'kv'), name='k_norm')(k)
         if cfg.position == 'rope':
             q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
         q = nn.with_logical_constraint(q, ('act_batch', 'act_len', 'act_heads', None))

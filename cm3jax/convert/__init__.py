@@ -1,0 +1,1 @@
+"""Weight converters from other implementations into cm3jax param pytrees."""
