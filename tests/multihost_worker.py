@@ -1,4 +1,4 @@
-"""One process of the two-process test (tests/test_multihost.py); prints its loss as JSON.
+"""One process of the two-process test (tests/test_multihost.py); prints its loss as a JSON line after 'RESULT '.
 
 Run as ``python -m tests.multihost_worker`` with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
 JAX_PROCESS_ID set, as a launcher would.
@@ -30,7 +30,7 @@ def main():
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         batch = parallel.global_batch(local, mesh, rules)
         loss = jax.jit(lambda p, t: cross_entropy(model.apply({'params': p}, t[:, :-1]), t[:, 1:])[0])(params, batch)
-    print(json.dumps({'process': me, 'devices': jax.device_count(), 'local_devices': jax.local_device_count(),
+    print('RESULT', json.dumps({'process': me, 'devices': jax.device_count(), 'local_devices': jax.local_device_count(),
                       'mesh': dict(mesh.shape), 'loss': float(loss)}))
     sys.stdout.flush()
     jax.distributed.shutdown()

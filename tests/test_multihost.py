@@ -24,7 +24,9 @@ def test_two_processes_compute_the_single_process_loss(repo):
     for proc in procs:
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-3000:]
-        outputs.append(json.loads(out.strip().splitlines()[-1]))
+        results = [line[len('RESULT '):] for line in out.splitlines() if line.startswith('RESULT ')]
+        assert len(results) == 1, f'stdout: {out[-2000:]}\nstderr: {err[-2000:]}'
+        outputs.append(json.loads(results[0]))
 
     assert [o['process'] for o in outputs] == [0, 1]
     assert all(o['devices'] == 8 and o['local_devices'] == 4 for o in outputs)

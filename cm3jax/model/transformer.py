@@ -103,16 +103,16 @@ class Attention(nn.Module):
         k = jnp.einsum('btd,dhk->bthk', x, wk.astype(cfg.dtype))
         v = jnp.einsum('btd,dhk->bthk', x, wv.astype(cfg.dtype))
         if cfg.qk_norm:  # Chameleon: LayerNorm over head_dim, its own weight and bias per head
-            q = Norm('layernorm', True, cfg.qk_norm_eps, (h, hd), ('heads', 'kv'), name='q_norm')(q)
-            k = Norm('layernorm', True, cfg.qk_norm_eps, (kvh, hd), ('kv_heads', 'kv'), name='k_norm')(k)
+            q = Norm('layernorm', True, cfg.qk_norm_eps, (h, hd), ('heads', 'kv'), cfg.param_dtype, name='q_norm')(q)
+            k = Norm('layernorm', True, cfg.qk_norm_eps, (kvh, hd), ('kv_heads', 'kv'), cfg.param_dtype, name='k_norm')(k)
         if cfg.position == 'rope':
             q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
         q = nn.with_logical_constraint(q, ('act_batch', 'act_len', 'act_heads', None))
         k = nn.with_logical_constraint(k, ('act_batch', 'act_len', 'act_kv_heads', None))
         new_cache = None
         if layer_cache is not None:
-            new_cache = {name: jax.lax.dynamic_update_slice_in_dim(layer_cache[name], val.astype(layer_cache[name].dtype), end, axis=1)
-                         for name, val in (('k', k), ('v', v))}
+            write = lambda slots, new: jax.lax.dynamic_update_slice_in_dim(slots, new.astype(slots.dtype), end, axis=1)
+            new_cache = {'k': write(layer_cache['k'], k), 'v': write(layer_cache['v'], v)}
             k, v = new_cache['k'].astype(cfg.dtype), new_cache['v'].astype(cfg.dtype)
         out = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                         q_positions=positions, kv_positions=kv_positions,
@@ -129,7 +129,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, layer_cache, segment_ids, positions, kv_segment_ids, kv_positions, end):
         cfg = self.cfg
-        norm = lambda name: Norm(cfg.norm, cfg.norm_params, cfg.norm_eps, name=name)
+        norm = lambda name: Norm(cfg.norm, cfg.norm_params, cfg.norm_eps, param_dtype=cfg.param_dtype, name=name)
         attn = Attention(cfg, name='attn')
         mlp = Mlp(cfg.mlp, cfg.mlp_dim, cfg.init_std, cfg.zero_init_out, cfg.dtype, cfg.param_dtype, name='mlp')
         ctx = (segment_ids, positions, kv_segment_ids, kv_positions, layer_cache, end)
@@ -198,7 +198,7 @@ class Transformer(nn.Module):
             if layer_cache is not None:
                 layer_cache = jax.tree.map(lambda *c: jnp.stack(c), *new_layers)
 
-        x = Norm(cfg.norm, cfg.norm_params, cfg.norm_eps, name='final_norm')(x)
+        x = Norm(cfg.norm, cfg.norm_params, cfg.norm_eps, param_dtype=cfg.param_dtype, name='final_norm')(x)
         if cfg.tie_embeddings:
             logits = jnp.einsum('btd,vd->btv', x, embed.astype(cfg.dtype), preferred_element_type=jnp.float32)
         else:
