@@ -36,6 +36,10 @@ def run(config) -> dict[str, float]:
     cfg = configuration.transformer_config(config, mesh, rules)
     model = transformer.Transformer(cfg)
     say = print if jax.process_index() == 0 else (lambda *a, **k: None)
+    shards = parallel.axis_size(mesh, rules, 'act_batch')
+    if q.batch % shards or q.batch % jax.process_count():
+        raise configuration.ConfigError(f'quickstart.batch={q.batch} must be a multiple of the {shards} batch shards '
+                                        f'and of the {jax.process_count()} processes')
 
     say(f'devices: {jax.device_count()} x {jax.devices()[0].platform}; mesh {dict(mesh.shape)}')
     rng = jax.random.key(config.seed)
@@ -48,7 +52,8 @@ def run(config) -> dict[str, float]:
 
     # Data: fixed random sequences, all in the real vocab.
     seqs = np.random.default_rng(config.seed).integers(0, cfg.vocab_size, (q.batch, q.seq_len), dtype=np.int32)
-    batch = parallel.global_batch(seqs[jax.process_index()::jax.process_count()], mesh, rules)
+    rows = q.batch // jax.process_count()  # each host feeds its own contiguous rows
+    batch = parallel.global_batch(seqs[jax.process_index() * rows:(jax.process_index() + 1) * rows], mesh, rules)
     optimizer = optax.adamw(q.learning_rate, b1=0.9, b2=0.95, weight_decay=0.0)
 
     def loss_fn(params, tokens):
