@@ -11,7 +11,7 @@ import logging
 import pathlib
 import sys
 
-from absl import app, flags
+from absl import app
 from ml_collections import config_flags
 
 _REPO_CONFIG = pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'lm.py'
