@@ -1,10 +1,12 @@
 """Prefill + cached decoding gives the logits of the full forward pass."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cm3jax import parallel
 from cm3jax.model import transformer
 from tests.helpers import build, forward, random_tokens, tiny_config
 
@@ -53,3 +55,24 @@ def test_prompt_longer_than_cache_is_rejected():
         transformer.prefill(model, params, cache, jnp.zeros((1, 6), jnp.int32))
     with pytest.raises(ValueError, match='max_len'):
         transformer.init_cache(model.cfg, 1, model.cfg.max_len + 1)
+
+
+def test_sharded_cache_decodes_like_one_device():
+    """The cache laid out by CACHE_AXES on a (2, 2, 2) mesh: batch on data x fsdp, k/v heads on tensor."""
+    config = tiny_config('chameleon')
+    model1, params1, _, _ = build(config)
+    model8, params8, mesh, rules = build(config, parallel.create_mesh((2, 2, 2)))
+    prompt = random_tokens(20, (4, 6), 500)
+
+    def run(model, params, cache):
+        logits, cache = transformer.prefill(model, params, cache, prompt)
+        step_logits, cache = transformer.decode_step(model, params, cache, logits[:, -1].argmax(-1))
+        return step_logits, cache
+
+    want, _ = jax.jit(lambda p, c: run(model1, p, c))(params1, transformer.init_cache(model1.cfg, 4, 8))
+    cache = parallel.shard_tree(transformer.init_cache(model8.cfg, 4, 8), mesh, rules, transformer.CACHE_AXES)
+    assert cache['k'].sharding.spec == jax.sharding.PartitionSpec(None, ('data', 'fsdp'), None, 'tensor', None)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        got, new_cache = jax.jit(lambda p, c: run(model8, p, c))(params8, cache)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert int(new_cache['end']) == 7
