@@ -88,8 +88,7 @@ def create_mesh(ici: Sequence[int] = (1, -1, 1), dcn: Sequence[int] = (1, 1, 1),
     devices = list(devices if devices is not None else jax.devices())
     ici, dcn = resolve_mesh_shape(ici, dcn, len(devices), count_slices(dcn, devices))
     if math.prod(dcn) > 1:
-        granule = _granule(devices)
-        found = len({getattr(d, granule) for d in devices})
+        granule, found = _granules(devices)
         if found != math.prod(dcn):
             raise MeshError(f'mesh.dcn={dcn} asks for {math.prod(dcn)} slices but the devices form {found} '
                             f'(by {granule}); set mesh.dcn to multiply to {found}')
@@ -108,13 +107,15 @@ def count_slices(dcn: Sequence[int], devices: Sequence[jax.Device] | None = None
     if -1 not in dcn:
         return math.prod(dcn)
     devices = list(devices if devices is not None else jax.devices())
-    return len({getattr(d, _granule(devices)) for d in devices})
+    return _granules(devices)[1]
 
 
-def _granule(devices) -> str:
-    """What a DCN slice is: a TPU slice where devices know theirs, else a process."""
+def _granules(devices) -> tuple[str, int]:
+    """What a DCN slice is (a TPU slice where devices know theirs, else a process) and how
+    many the devices form."""
     tpu_slices = devices[0].platform == 'tpu' and hasattr(devices[0], 'slice_index')
-    return 'slice_index' if tpu_slices else 'process_index'
+    key = 'slice_index' if tpu_slices else 'process_index'
+    return key, len({getattr(d, key) for d in devices})
 
 
 def mesh_from_config(mesh_config, devices=None) -> Mesh:
