@@ -18,9 +18,11 @@ setup(
         'absl-py>=2.1',
         'numpy>=1.26',
         'tqdm>=4.66',
+        'tensorboardX>=2.6',
+        'portpicker>=1.6',  # cm3jax.launch: a free coordinator port for local multi-process runs
     ],
     extras_require={
-        'test': ['pytest>=8', 'pytest-xdist>=3.5', 'portpicker>=1.6'],
+        'test': ['pytest>=8', 'pytest-xdist>=3.5'],
         # reference implementations for numerical parity tests (CPU torch from the local wheel)
         'parity': ['torch==2.13.0', 'transformers>=5.24,<6'],
         'tf': ['tensorflow-datasets>=4.9.9', 'grain>=0.2.12'],

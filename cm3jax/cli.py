@@ -1,6 +1,7 @@
 """The ``cm3jax`` command: ``cm3jax COMMAND --config=configs/lm.py:PRESET [--config.FIELD=VALUE ...]``.
 
 Commands:
+  train        train the language model in --workdir (resumes there; --init_from=DIR to fine-tune)
   quickstart   fit a few token sequences on the mesh, then regenerate them with the KV cache
   config       print the resolved, validated config
 """
@@ -11,13 +12,23 @@ import logging
 import pathlib
 import sys
 
-from absl import app
+from absl import app, flags
 from ml_collections import config_flags
 
 _REPO_CONFIG = pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'lm.py'
 _CONFIG = config_flags.DEFINE_config_file(
     'config', f'{_REPO_CONFIG}:tiny', 'A config file and its preset, e.g. configs/lm.py:tiny.',
     lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'train: directory for checkpoints, metrics and TensorBoard logs.')
+_INIT_FROM = flags.DEFINE_string('init_from', None, 'train: start from the params of the latest checkpoint in '
+                                 'this workdir, with a fresh optimizer (fine-tuning).')
+
+
+def _train(config) -> None:
+    if not _WORKDIR.value:
+        raise app.UsageError('cm3jax train needs --workdir=DIR (checkpoints and metrics go there)')
+    from cm3jax import pretrain
+    pretrain.train(config, _WORKDIR.value, _INIT_FROM.value)
 
 
 def _quickstart(config) -> None:
@@ -30,7 +41,7 @@ def _show_config(config) -> None:
     print(configuration.validate(config))
 
 
-COMMANDS = {'quickstart': _quickstart, 'config': _show_config}
+COMMANDS = {'train': _train, 'quickstart': _quickstart, 'config': _show_config}
 
 
 def main(argv: list[str]) -> None:
@@ -39,6 +50,7 @@ def main(argv: list[str]) -> None:
                              f'[--config.model.num_layers=4 ...]; got {argv[1:]}')
     # absl shows INFO; JAX's backend probing ("Unable to initialize backend 'tpu'") is noise here
     logging.getLogger('jax').setLevel(logging.WARNING)
+    logging.getLogger('absl').setLevel(logging.WARNING)  # orbax logs every save step by step at INFO
     COMMANDS[argv[1]](_CONFIG.value)
 
 

@@ -5,16 +5,16 @@ on Chameleon's architecture switches at that size (``tiny,chameleon``).
 
 Presets and their launch commands (override any field with ``--config.FIELD=VALUE``):
 
-  tiny           2 layers, d_model 64; the tests and the quickstart use it.
-                 cm3jax quickstart --config=configs/lm.py:tiny
+  tiny           2 layers, d_model 64; the tests, the quickstart and `make demo` use it.
+                 cm3jax train --config=configs/lm.py:tiny --workdir=/tmp/cm3jax_tiny
   cm3leon_350m   24 layers, d_model 1024, 16 heads, seq 4096.
-                 cm3jax quickstart --config=configs/lm.py:cm3leon_350m --config.mesh.ici="(1,-1,1)"
+                 cm3jax train --config=configs/lm.py:cm3leon_350m --workdir=DIR --config.mesh.ici="(1,-1,1)"
   cm3leon_760m   24 layers, d_model 1536, 16 heads, seq 4096.
-                 cm3jax quickstart --config=configs/lm.py:cm3leon_760m --config.mesh.ici="(1,-1,1)"
+                 cm3jax train --config=configs/lm.py:cm3leon_760m --workdir=DIR --config.mesh.ici="(1,-1,1)"
   cm3leon_7b     32 layers, d_model 4096, 32 heads, seq 4096; FSDP x tensor parallel.
-                 cm3jax quickstart --config=configs/lm.py:cm3leon_7b --config.mesh.ici="(1,-1,4)" --config.model.dtype=bfloat16
+                 cm3jax train --config=configs/lm.py:cm3leon_7b --workdir=DIR --config.mesh.ici="(1,-1,4)" --config.model.dtype=bfloat16
   chameleon      Chameleon-7B: RMSNorm, SwiGLU (11008), RoPE, QK-norm, 65,536 ids, z-loss 1e-5.
-                 cm3jax quickstart --config=configs/lm.py:chameleon --config.mesh.ici="(1,-1,4)" --config.model.dtype=bfloat16
+                 cm3jax train --config=configs/lm.py:chameleon --workdir=DIR --config.mesh.ici="(1,-1,4)" --config.model.dtype=bfloat16
 """
 
 from ml_collections import ConfigDict
@@ -22,6 +22,7 @@ from ml_collections import ConfigDict
 # CM3leon's joint vocabulary: 56,320 text ids (PAPER.md section 1) plus 8,192 image codes.
 CM3LEON_VOCAB = 56_320 + 8_192
 CHAMELEON_VOCAB = 65_536  # BPE that already holds the 8,192 image codes
+PEAK_LR = {'cm3leon_350m': 6e-4, 'cm3leon_760m': 5e-4, 'cm3leon_7b': 1.2e-4, 'chameleon': 1.2e-4}
 
 SIZES = {  # name: (num_layers, d_model, num_heads)
     'tiny': (2, 64, 4),
@@ -75,6 +76,39 @@ def get_config(arg: str = 'tiny') -> ConfigDict:
     config.mesh = ConfigDict({'ici': (1, -1, 1), 'dcn': (1, 1, 1)})  # ('data', 'fsdp', 'tensor')
     config.sharding = ConfigDict({'rules': ()})  # () = cm3jax.parallel.DEFAULT_RULES
 
+    # AdamW and the schedule (PAPER.md section 4; `cm3jax.train.optim.OptimConfig`).
+    config.optim = ConfigDict({
+        'learning_rate': 3e-3 if size == 'tiny' else PEAK_LR.get(size, 3e-4),
+        'warmup_steps': 50 if size == 'tiny' else 1500,
+        'schedule': 'linear',     # after warmup: constant | linear | cosine | exponential
+        'decay_steps': 0,         # 0: decay until train.steps
+        'final_lr_fraction': 0.1,
+        'b1': 0.9, 'b2': 0.95, 'eps': 1e-8,
+        'weight_decay': 0.1,      # matrices only
+        'grad_clip': 1.0,
+    })
+    # `cm3jax train`: steps, global batch, checkpoints, logging (cm3jax.pretrain).
+    config.train = ConfigDict({
+        'steps': 300 if size == 'tiny' else 100_000,
+        'batch': 16 if size == 'tiny' else 2048,  # global rows per step (paper: 8M tokens)
+        'seq_len': 96 if size == 'tiny' else 4096,
+        'microbatches': 1,        # gradient accumulation: the batch runs in this many passes
+        'log_every': 10,
+        'eval_every': 100,
+        'eval_batches': 2,
+        'checkpoint_every': 100 if size == 'tiny' else 1000,
+        'checkpoint_minutes': 0.0 if size == 'tiny' else 30.0,  # also save after this long; 0 = off
+        'keep': 3,                # checkpoints kept
+        'async_checkpoint': True,
+        'profile_start': 0,       # > 0: trace steps (profile_start, profile_start + profile_steps]
+        'profile_steps': 5,
+        'peak_flops': 0.0,        # per device, for MFU; 0 = datasheet for known chips, else measured
+        'progress': True,
+    })
+    # Training data. 'synthetic': copy / reverse / sort / add digit strings (cm3jax.data.synthetic).
+    config.data = ConfigDict({'source': 'synthetic', 'tasks': 'copy,reverse,sort,add', 'min_len': 2,
+                              'max_len': 8})
+
     # The quickstart: fit a few fixed token patterns, then regenerate them with the KV cache.
     config.quickstart = ConfigDict({'batch': 8, 'seq_len': 64, 'steps': 100, 'learning_rate': 3e-3,
                                     'prompt_len': 8})
@@ -96,6 +130,9 @@ def apply_chameleon(config: ConfigDict, full_size: bool) -> None:
     m.init_std = 0.02
     m.tie_embeddings = False
     config.loss.z_loss = 1e-5
+    config.optim.eps = 1e-5
+    if full_size:
+        config.optim.warmup_steps = 4000
     if full_size:
         m.vocab_size = CHAMELEON_VOCAB
         m.mlp_dim = 11_008

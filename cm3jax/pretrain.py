@@ -1,0 +1,175 @@
+"""`cm3jax train`: language-model training on the mesh, read top to bottom.
+
+Wires the transformer, the LM loss and a data source into the generic pieces of
+`cm3jax.train` (state, step, loop, checkpoint, metrics). The workdir holds ``checkpoints/``,
+``metrics.jsonl``, ``tensorboard/`` and ``config.json``; running the same command again
+resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cm3jax import configuration, parallel
+from cm3jax.data import synthetic
+from cm3jax.model import transformer
+from cm3jax.train import checkpoint, loop, metrics as metrics_lib, optim, state as state_lib, step as step_lib
+from cm3jax.train.loss import token_stats
+
+log = logging.getLogger(__name__)
+
+
+def lm_loss_fn(model: transformer.Transformer, z_loss: float = 0.0, group_fn=None) -> step_lib.LossFn:
+    """Next-token loss over a batch {'inputs', 'targets': Int[B, T], optional 'weights':
+    Float[B, T], 'segment_ids': Int[B, T]}; ``group_fn(batch) -> {name: Bool[B, T]}`` adds
+    per-group loss and accuracy (text vs image tokens)."""
+    def loss_fn(params, batch, rng):
+        del rng  # no dropout (PAPER.md section 4)
+        logits = model.apply({'params': params}, batch['inputs'], batch.get('segment_ids'))
+        groups = group_fn(batch) if group_fn else None
+        return token_stats(logits, batch['targets'], batch.get('weights'), z_loss, groups)
+    return loss_fn
+
+
+def flops_per_token(cfg: transformer.TransformerConfig, seq_len: int) -> float:
+    return metrics_lib.transformer_flops_per_token(
+        num_layers=cfg.num_layers, d_model=cfg.d_model, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim, mlp_dim=cfg.mlp_dim, gated_mlp=cfg.mlp == 'swiglu',
+        vocab_size=cfg.padded_vocab_size, seq_len=seq_len)
+
+
+class GlobalBatches:
+    """Host-local numpy batches -> global arrays sharded on the batch axes; keeps the
+    wrapped iterator's get_state / set_state."""
+
+    def __init__(self, local, mesh, rules):
+        self.local, self.mesh, self.rules = local, mesh, rules
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return parallel.global_batch(next(self.local), self.mesh, self.rules)
+
+    def get_state(self) -> dict:
+        return self.local.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self.local.set_state(state)
+
+
+def validate(config, mesh) -> None:
+    """`configuration.validate` plus the train fields that depend on the mesh."""
+    configuration.validate(config)
+    t = config.train
+    if t.seq_len > config.model.max_len:
+        raise configuration.ConfigError(f'train.seq_len={t.seq_len} exceeds model.max_len={config.model.max_len}')
+    if config.data.source != 'synthetic':
+        raise configuration.ConfigError(f'data.source={config.data.source!r} is unknown; the one source so far '
+                                        f'is "synthetic"')
+    shards = parallel.axis_size(mesh, parallel.rules_from_config(config), 'act_batch')
+    unit = shards * t.microbatches
+    if t.microbatches < 1 or t.batch % unit or t.batch % jax.process_count():
+        raise configuration.ConfigError(
+            f'train.batch={t.batch} must be a multiple of the {shards} batch shards x train.microbatches='
+            f'{t.microbatches} (= {unit}) and of the {jax.process_count()} processes')
+    if synthetic.VOCAB_SIZE > config.model.vocab_size:
+        raise configuration.ConfigError(f'model.vocab_size={config.model.vocab_size} is smaller than the synthetic '
+                                        f'task\'s {synthetic.VOCAB_SIZE} ids')
+
+
+def synthetic_data(config, seed: int) -> tuple[synthetic.SyntheticTask, synthetic.SyntheticBatches]:
+    d, t = config.data, config.train
+    tasks = tuple(x.strip() for x in d.tasks.split(',') if x.strip())
+    task = synthetic.SyntheticTask(tasks, d.min_len, d.max_len)
+    return task, synthetic.SyntheticBatches(task, t.batch, t.seq_len, seed, jax.process_index(), jax.process_count())
+
+
+def train(config, workdir: str, init_from: str | None = None) -> dict[str, float]:
+    """Train (or resume) in ``workdir``; ``init_from``: another workdir whose latest params
+    start a fresh run (fine-tuning). Returns a summary of the run (also printed)."""
+    parallel.maybe_initialize_distributed()
+    workdir = pathlib.Path(workdir).absolute()
+    say = print if jax.process_index() == 0 else (lambda *a, **k: None)
+    t = config.train
+
+    # ---- Mesh ----
+    mesh = parallel.mesh_from_config(config.mesh)
+    rules = parallel.rules_from_config(config)
+    validate(config, mesh)
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+    say(f'devices: {jax.device_count()} x {jax.devices()[0].platform} in {jax.process_count()} process(es); '
+        f'mesh {dict(mesh.shape)}; workdir {workdir}')
+
+    # ---- Input pipeline ----
+    task, local = synthetic_data(config, config.seed)
+    data = GlobalBatches(local, mesh, rules)
+    eval_batches = lambda: (parallel.global_batch(next(it), mesh, rules) for it in
+                            [synthetic_data(config, config.seed + 1)[1]] for _ in range(t.eval_batches))
+    entropy = task.unigram_entropy(t.seq_len)
+
+    # ---- Model and optimizer ----
+    cfg = configuration.transformer_config(config, mesh, rules)
+    model = transformer.Transformer(cfg)
+    optimizer = optim.make_optimizer(optim.OptimConfig.from_config(config.optim, t.steps))
+    init_args = (jax.random.key(config.seed), jnp.zeros((parallel.axis_size(mesh, rules, 'act_batch'), 8), jnp.int32))
+    init_fn = lambda rng, x: model.init(rng, x)['params']
+    target = state_lib.abstract_state(init_fn, optimizer, mesh, rules, *init_args)
+
+    # ---- Load checkpoint: resume this run, else start from another run's params, else init ----
+    ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', every_steps=t.checkpoint_every,
+                                   every_seconds=60 * t.checkpoint_minutes, keep=t.keep, use_async=t.async_checkpoint)
+    if ckpt.latest_step() is not None:
+        state, data_state = ckpt.restore(target)
+        data.set_state(data_state)
+        say(f'resumed from step {int(state["step"])} in {ckpt.directory}')
+    elif init_from:
+        params = checkpoint.restore_params(init_from, target['params'])
+        state = state_lib.fresh_optimizer(params, optimizer, target)
+        say(f'initialised params from {init_from}; fresh optimizer')
+    else:
+        state = state_lib.init_state(init_fn, optimizer, mesh, rules, *init_args)
+    say(f'model: {parallel.num_params(state["params"]):,} params, {cfg.num_layers} layers, d_model {cfg.d_model}; '
+        f'replicated large-param bytes {parallel.check_sharding(state["params"]):.0%}')
+
+    # ---- Update step ----
+    loss_fn = lm_loss_fn(model, config.loss.z_loss, group_fn=lambda b: {'answer': b['answer']})
+    batch_shardings = parallel.logical_sharding(mesh, rules, ('act_batch', 'act_len'))  # every [B, T] leaf
+    train_step = step_lib.jit_train_step(step_lib.make_train_step(loss_fn, optimizer, t.microbatches),
+                                         state_lib.shardings_of(target), batch_shardings)
+    eval_step = jax.jit(step_lib.make_eval_step(loss_fn))
+
+    # ---- Hooks: metrics, eval, profile ----
+    writer = metrics_lib.MetricWriter(workdir)
+    tokens_per_step = t.batch * t.seq_len
+    peak, peak_source = metrics_lib.peak_flops(t.peak_flops, cfg.dtype) if writer.enabled else (0.0, '')
+    flops = flops_per_token(cfg, t.seq_len)
+    hooks = [loop.metrics_hook(writer, t.log_every, tokens_per_step=tokens_per_step,
+                               flops_per_step=flops * tokens_per_step, peak_flops=peak)]
+    if t.eval_every:
+        hooks.append(loop.eval_hook(eval_step, eval_batches, writer, t.eval_every))
+    if t.profile_start:
+        hooks.append(loop.profile_hook(str(workdir / 'profile'), t.profile_start, t.profile_steps))
+    say(f'task: synthetic {",".join(task.tasks)}; unigram entropy {entropy:.3f} nats; '
+        f'{flops / 1e6:.2f} MFLOPs/token; peak {peak / 1e9:.0f} GFLOP/s ({peak_source})')
+
+    # ---- Train ----
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        state, last = loop.train(state=state, train_step=train_step, data=data, num_steps=t.steps,
+                                 rng=jax.random.key(config.seed + 1), hooks=hooks, checkpointer=ckpt,
+                                 tokens_per_step=tokens_per_step, progress=t.progress)
+    ckpt.close()
+    writer.close()
+    summary = {'step': int(jax.device_get(state['step'])), 'unigram_entropy': entropy}
+    summary.update({k: float(last[k]) for k in ('loss', 'accuracy', 'answer/accuracy') if k in last})
+    if last:
+        say(f'step {summary["step"]}: loss {summary["loss"]:.3f} (unigram entropy {entropy:.3f}), '
+            f'answer accuracy {summary["answer/accuracy"]:.1%}')
+    return summary

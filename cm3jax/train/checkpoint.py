@@ -1,0 +1,177 @@
+"""Orbax checkpoints of the train state and the data iterator's state.
+
+- Saves are async: the next steps run while the previous save is written.
+- A save happens every ``every_steps`` steps, or once ``every_seconds`` have passed (time
+  read from an injectable clock; process 0's decision is broadcast so all hosts agree).
+- Restore builds its target from the *current* mesh's shardings, so a checkpoint written on
+  a (2, 2, 2) mesh loads onto (4,) or one device.
+- A checkpoint whose tensors do not fit the target is refused with `CheckpointMismatch`,
+  naming the tensor and both shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint's tensors do not fit the model it is loaded into."""
+
+
+def _path_str(path) -> str:
+    """Key path -> 'params/layers/attn/wq'; namedtuple fields, dict keys and list indices
+    alike, because orbax's metadata stores optimizer namedtuples as dicts and lists."""
+    parts = []
+    for key in path:
+        for attr in ('key', 'name', 'idx'):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+    return '/'.join(parts)
+
+
+def _shapes(tree) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {_path_str(p): (tuple(x.shape), np.dtype(x.dtype)) for p, x in leaves if hasattr(x, 'shape')}
+
+
+def check_fits(saved, target, where: str) -> None:
+    """Raise `CheckpointMismatch` unless every tensor of ``target`` is in ``saved`` (orbax
+    metadata) with the same shape; ``where`` names the checkpoint in the message."""
+    have, want = _shapes(saved), _shapes(target)
+    missing = sorted(set(want) - set(have))
+    if missing:
+        raise CheckpointMismatch(f'{where} has no tensor {missing[0]!r} (and {len(missing) - 1} more missing); '
+                                 f'it was written for a different model or optimizer')
+    # parameters first: they name the model change, while optimizer moments only mirror them
+    for name, (shape, _) in sorted(want.items(), key=lambda item: not item[0].startswith('params')):
+        if have[name][0] != shape:
+            raise CheckpointMismatch(f'{where}: tensor {name!r} has shape {have[name][0]} in the checkpoint but '
+                                     f'{shape} in the model; load it with the config it was trained with')
+
+
+def _gather_json(obj) -> list:
+    """Every process's JSON-able ``obj``, in process order."""
+    if jax.process_count() == 1:
+        return [obj]
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    size = int(multihost_utils.process_allgather(np.array([data.size], np.int32)).max())
+    padded = np.zeros(size, np.uint8)
+    padded[:data.size] = data
+    rows = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(row).rstrip(b'\0')) for row in np.asarray(rows).reshape(jax.process_count(), size)]
+
+
+class Checkpointer:
+    """``save(step, state, data_state)`` / ``restore(target) -> (state, data_state)`` in ``directory``.
+
+    ``data_state`` is the data iterator's ``get_state()`` (JSON-able); every process's is kept,
+    and each process gets its own back on restore.
+    """
+
+    def __init__(self, directory: str | pathlib.Path, *, every_steps: int = 0, every_seconds: float = 0.0,
+                 keep: int = 3, use_async: bool = True, clock: Callable[[], float] = time.monotonic):
+        self.directory = pathlib.Path(directory).absolute()
+        self.every_steps, self.every_seconds, self.clock = every_steps, every_seconds, clock
+        self._last_save_time = clock()
+        self._manager = ocp.CheckpointManager(
+            self.directory, item_names=('state', 'data'),
+            item_handlers={'state': ocp.StandardCheckpointHandler(), 'data': ocp.JsonCheckpointHandler()},
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=use_async,
+                                                 create=True))
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def should_save(self, step: int) -> bool:
+        """Due by step count, or by time since the last save (the same answer on every host)."""
+        if self.every_steps and step % self.every_steps == 0:
+            return True
+        if not self.every_seconds:
+            return False
+        due = self.clock() - self._last_save_time >= self.every_seconds
+        if jax.process_count() > 1:  # clocks differ across hosts; a save is a collective
+            due = bool(multihost_utils.broadcast_one_to_all(np.array(due)))
+        return due
+
+    def save(self, step: int, state, data_state: Any = None) -> None:
+        """Start an async save of ``state`` (global arrays) and the data iterator's state."""
+        if step in self._manager.all_steps():
+            return
+        data = {'processes': _gather_json(data_state)}
+        self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                         data=ocp.args.JsonSave(data)), force=True)
+        self._last_save_time = self.clock()
+        log.info('checkpoint: saving step %d to %s', step, self.directory)
+
+    def restore(self, target, step: int | None = None) -> tuple[Any, Any]:
+        """Load ``step`` (default: latest) into ``target``'s shapes and shardings (e.g.
+        `cm3jax.train.state.abstract_state` on the current mesh). Returns (state, this
+        process's data state)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f'no checkpoint in {self.directory}')
+        where = f'checkpoint {self.directory}/{step}'
+        check_fits(self._manager.item_metadata(step)['state'], target, where)
+        restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                                       data=ocp.args.JsonRestore()))
+        return restored['state'], _pick_data_state(restored['data']['processes'], where)
+
+    def wait(self) -> None:
+        """Block until every started save is on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def _pick_data_state(states: list, where: str):
+    if len(states) == jax.process_count():
+        return states[jax.process_index()]
+    if all(s == states[0] for s in states):  # e.g. an index every process shares
+        return states[0]
+    raise CheckpointMismatch(f'{where} holds data-iterator states for {len(states)} processes, but this run has '
+                             f'{jax.process_count()} and the states differ; resume with {len(states)} processes')
+
+
+def restore_params(directory: str | pathlib.Path, target_params, step: int | None = None):
+    """Only the parameters of the checkpoint in ``directory`` (another run's workdir or its
+    ``checkpoints/``), laid out like ``target_params`` (abstract arrays with shardings).
+    For fine-tuning: the optimizer state is not read."""
+    directory = pathlib.Path(directory).absolute()
+    if not (directory / 'checkpoints').is_dir() and not any(p.name.isdigit() for p in directory.glob('*')):
+        raise FileNotFoundError(f'{directory} holds no checkpoints (expected step directories in it or in '
+                                f'{directory}/checkpoints)')
+    if (directory / 'checkpoints').is_dir():
+        directory = directory / 'checkpoints'
+    manager = ocp.CheckpointManager(directory, item_names=('state', 'data'),
+                                    item_handlers={'state': ocp.StandardCheckpointHandler(),
+                                                   'data': ocp.JsonCheckpointHandler()})
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f'no finished checkpoint in {directory}')
+    where = f'checkpoint {directory}/{step}'
+    check_fits(manager.item_metadata(step)['state'], {'params': target_params}, where)
+    manager.close()
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape,
+                                                                 dtype=x.dtype), target_params)
+    restored = ocp.PyTreeCheckpointer().restore(
+        directory / str(step) / 'state',
+        args=ocp.args.PyTreeRestore(item={'params': target_params}, restore_args={'params': restore_args},
+                                    partial_restore=True))
+    return restored['params']

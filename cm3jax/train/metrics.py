@@ -1,0 +1,116 @@
+"""Metric writers (TensorBoard via tensorboardX, and JSONL), model FLOPs, and MFU.
+
+Only process 0 writes; the other processes get a writer that does nothing, so callers never
+branch on the process index.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Dense bf16 peak FLOP/s per chip, matched by substring of `device_kind` (first match wins,
+# so the more specific names come first).
+KNOWN_PEAK_FLOPS = (
+    ('TPU v6', 918e12), ('TPU v5 lite', 197e12), ('TPU v5', 459e12), ('TPU v4', 275e12),
+    ('H200', 989e12), ('H100', 989e12), ('A100', 312e12), ('L4', 121e12),
+)
+
+
+class MetricWriter:
+    """Scalars to ``workdir/metrics.jsonl`` (one JSON object per write) and TensorBoard
+    event files in ``workdir/tensorboard``. A no-op on processes other than 0."""
+
+    def __init__(self, workdir: str | pathlib.Path, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self._tb = self._jsonl = None
+        if self.enabled:
+            workdir = pathlib.Path(workdir)
+            workdir.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(workdir / 'metrics.jsonl', 'a')
+            from tensorboardX import SummaryWriter  # imported here: the tests of other modules need not load it
+            self._tb = SummaryWriter(str(workdir / 'tensorboard'))
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        scalars = {k: float(v) for k, v in scalars.items()}
+        self._jsonl.write(json.dumps({'step': int(step), 'time': time.time(), **scalars}) + '\n')
+        self._jsonl.flush()
+        for name, value in scalars.items():
+            self._tb.add_scalar(name, value, int(step))
+        self._tb.flush()
+
+    def write_text(self, step: int, name: str, text: str) -> None:
+        if self.enabled:
+            self._tb.add_text(name, text, int(step))
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
+
+
+def transformer_flops_per_token(*, num_layers: int, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                                mlp_dim: int, gated_mlp: bool, vocab_size: int, seq_len: int,
+                                causal: bool = True) -> float:
+    """Training FLOPs (forward + backward = 3x forward) per token of a decoder-only transformer.
+
+    Matmuls cost 2 FLOPs per multiply-add: 6 * (matmul parameters) per token, with the output
+    projection onto the (padded) vocab included and the embedding gather not. Attention adds
+    QK^T and AV: 2 * 2 * seq_len * heads * head_dim per layer forward, halved when causal
+    because a token attends on average to half the context (PaLM's appendix B counts it unhalved).
+    """
+    attn_params = d_model * head_dim * (2 * num_heads + 2 * num_kv_heads)  # q, o and k, v
+    mlp_params = d_model * mlp_dim * (3 if gated_mlp else 2)
+    matmul_params = num_layers * (attn_params + mlp_params) + d_model * vocab_size
+    attention = num_layers * 4 * seq_len * num_heads * head_dim * (0.5 if causal else 1.0)
+    return 6.0 * matmul_params + 3.0 * attention
+
+
+def measure_matmul_flops(n: int = 2048, dtype=jnp.float32, seconds: float = 1.0, device=None) -> float:
+    """FLOP/s of a jitted [n, n] x [n, n] matmul chain on one device, best of a few timed runs."""
+    device = device or jax.local_devices()[0]
+    a = jax.device_put(jax.random.normal(jax.random.key(0), (n, n), dtype) / math.sqrt(n), device)
+
+    @jax.jit
+    def chain(x):  # 8 dependent matmuls per call amortise the dispatch
+        for _ in range(8):
+            x = x @ a
+        return x
+
+    x = jax.block_until_ready(chain(a))
+    best, spent = 0.0, 0.0
+    while spent < seconds or best == 0.0:
+        begin = time.perf_counter()
+        x = jax.block_until_ready(chain(x))
+        elapsed = time.perf_counter() - begin
+        spent += elapsed
+        best = max(best, 8 * 2 * n**3 / elapsed)
+    return best
+
+
+def peak_flops(configured: float = 0.0, dtype=jnp.float32) -> tuple[float, str]:
+    """The machine's peak FLOP/s over all devices, and where the figure came from.
+
+    ``configured`` > 0 is taken as per-device. Otherwise known accelerators use their dense
+    bf16 datasheet peak; anything else (CPU) is measured with a large matmul in ``dtype``. Simulated CPU
+    devices share the host's cores, so on CPU one measurement is the whole machine's peak.
+    """
+    devices = jax.devices()
+    if configured > 0:
+        return configured * len(devices), 'configured'
+    kind = devices[0].device_kind
+    for name, flops in KNOWN_PEAK_FLOPS:
+        if name in kind:
+            return flops * len(devices), f'datasheet ({kind})'
+    measured = measure_matmul_flops(dtype=dtype)
+    if devices[0].platform == 'cpu':
+        return measured, f'measured {np.dtype(dtype).name} matmul on the host'
+    return measured * len(devices), f'measured {np.dtype(dtype).name} matmul ({kind})'
