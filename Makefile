@@ -20,10 +20,13 @@ $(TEST): $(BASE)
 	$(BIN)/python -m pip install -q -e '.[test,parity]'
 	touch $@
 
-# The showcase on 8 simulated CPU devices, as a (data, fsdp, tensor) = (2, 2, 2) mesh.
+# The main job on 8 simulated CPU devices, as a (data, fsdp, tensor) = (2, 2, 2) mesh: train the
+# tiny LM on the synthetic task from scratch in runs/demo (metrics.jsonl, tensorboard/, checkpoints/).
+DEMO_DIR := runs/demo
 demo: $(BASE)
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/cm3jax quickstart \
-		--config=configs/lm.py:tiny --config.mesh.ici='(2,2,2)'
+	rm -rf $(DEMO_DIR)
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/cm3jax train \
+		--config=configs/lm.py:tiny --config.mesh.ici='(2,2,2)' --workdir=$(DEMO_DIR)
 
 test: $(TEST)
 	$(BIN)/python -m pytest -q -n 2 tests

@@ -14,6 +14,7 @@ import pathlib
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from tqdm import tqdm
 
 from cm3jax import configuration, parallel
 from cm3jax.data import synthetic
@@ -96,6 +97,7 @@ def train(config, workdir: str, init_from: str | None = None) -> dict[str, float
     parallel.maybe_initialize_distributed()
     workdir = pathlib.Path(workdir).absolute()
     say = print if jax.process_index() == 0 else (lambda *a, **k: None)
+    say_line = tqdm.write if jax.process_index() == 0 else say  # above the progress bar
     t = config.train
 
     # ---- Mesh ----
@@ -155,6 +157,9 @@ def train(config, workdir: str, init_from: str | None = None) -> dict[str, float
                                flops_per_step=flops * tokens_per_step, peak_flops=peak)]
     if t.eval_every:
         hooks.append(loop.eval_hook(eval_step, eval_batches, writer, t.eval_every))
+        report = lambda info: say_line(f'step {info.step}: loss {float(info.metrics["loss"]):.3f}, answer accuracy '
+                                       f'{float(info.metrics["answer/accuracy"]):.1%} (unigram entropy {entropy:.3f})')
+        hooks.append(loop.Hook(report, t.eval_every))
     if t.profile_start:
         hooks.append(loop.profile_hook(str(workdir / 'profile'), t.profile_start, t.profile_steps))
     say(f'task: synthetic {",".join(task.tasks)}; unigram entropy {entropy:.3f} nats; '
@@ -169,7 +174,6 @@ def train(config, workdir: str, init_from: str | None = None) -> dict[str, float
     writer.close()
     summary = {'step': int(jax.device_get(state['step'])), 'unigram_entropy': entropy}
     summary.update({k: float(last[k]) for k in ('loss', 'accuracy', 'answer/accuracy') if k in last})
-    if last:
-        say(f'step {summary["step"]}: loss {summary["loss"]:.3f} (unigram entropy {entropy:.3f}), '
-            f'answer accuracy {summary["answer/accuracy"]:.1%}')
+    say(f'step {summary["step"]} of {t.steps}; checkpoints and metrics.jsonl in {workdir}; '
+        f'tensorboard --logdir {workdir}/tensorboard')
     return summary
