@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from cm3jax import parallel, pretrain
-from cm3jax.train import checkpoint, loop, optim, step as step_lib
+from cm3jax.train import checkpoint, loop, metrics as metrics_lib, optim, step as step_lib
 from tests.helpers import tiny_config
 
 
@@ -38,6 +38,13 @@ def test_tiny_model_learns_the_synthetic_task(tmp_path):
     mfu = [r['perf/mfu'] for r in rows if 'perf/mfu' in r]
     assert len(mfu) >= 20 and all(0 < m < 1 for m in mfu)
     assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['100', '200', '300']
+
+    # --init_from: a new run starts from these params (step 0, fresh optimizer), not from scratch
+    config.train.update(steps=2, eval_every=0, log_every=1)
+    tuned = pretrain.train(config, str(tmp_path / 'tuned'), init_from=str(tmp_path))
+    first_tuned = next(r for r in _metrics(tmp_path / 'tuned') if 'loss' in r)
+    assert tuned['step'] == 2 and first_tuned['step'] == 1
+    assert first_tuned['loss'] < entropy - 0.5
 
 
 def _train_command(workdir, steps):
@@ -114,7 +121,7 @@ class _Batches:
         self.index = state['index']
 
 
-def test_a_nan_batch_stops_the_run_and_the_last_checkpoint_stays_intact(tmp_path):
+def _regression():
     opt = optim.make_optimizer(optim.OptimConfig(learning_rate=0.05, decay_steps=100))
     params = {'w': jnp.zeros((3, 1))}
     state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt': opt.init(params)}
@@ -123,6 +130,34 @@ def test_a_nan_batch_stops_the_run_and_the_last_checkpoint_stays_intact(tmp_path
         err = ((batch['x'] @ params['w'] - batch['y']) ** 2).sum()
         return err, {'loss': (err, jnp.float32(batch['x'].shape[0]))}
 
+    return opt, state, loss_fn
+
+
+def test_hooks_write_metrics_evals_and_a_profile(tmp_path):
+    opt, state, loss_fn = _regression()
+    writer = metrics_lib.MetricWriter(tmp_path)
+    eval_step = jax.jit(step_lib.make_eval_step(loss_fn))
+    hooks = [loop.metrics_hook(writer, 5, tokens_per_step=8, flops_per_step=100.0, peak_flops=1e9),
+             loop.eval_hook(eval_step, lambda: (next(_Batches(bad_step=0)) for _ in range(2)), writer, 10),
+             loop.profile_hook(str(tmp_path / 'profile'), 3, 2)]
+    state, last = loop.train(state=state, train_step=jax.jit(step_lib.make_train_step(loss_fn, opt)),
+                             data=_Batches(bad_step=0), num_steps=23, rng=jax.random.key(0), hooks=hooks,
+                             progress=False)
+    writer.close()
+    assert int(state['step']) == 23 and float(last['loss']) < 2.0
+    rows = _metrics(tmp_path)
+    train_rows = [r for r in rows if 'loss' in r]
+    assert [r['step'] for r in train_rows] == [5, 10, 15, 20, 23]  # and after the last step
+    assert all(r['perf/tokens_per_s'] == pytest.approx(8 * r['perf/steps_per_s']) for r in train_rows[1:])
+    assert all(0 < r['perf/mfu'] for r in train_rows[1:]) and 'perf/mfu' not in train_rows[0]
+    assert train_rows[-1]['loss'] < train_rows[0]['loss'] / 2
+    assert [r['step'] for r in rows if 'eval/loss' in r] == [10, 20, 23]
+    assert list((tmp_path / 'profile').rglob('*.xplane.pb'))
+    assert list((tmp_path / 'tensorboard').glob('events.out.tfevents.*'))
+
+
+def test_a_nan_batch_stops_the_run_and_the_last_checkpoint_stays_intact(tmp_path):
+    opt, state, loss_fn = _regression()
     kept = {}
     hook = loop.Hook(lambda info: kept.update({info.step: jax.device_get(info.state['params'])}), every=1)
     ckpt = checkpoint.Checkpointer(tmp_path, every_steps=4)
