@@ -7,7 +7,8 @@ Each process gets JAX_COORDINATOR_ADDRESS (127.0.0.1 and a free port), JAX_NUM_P
 JAX_PROCESS_ID, which `cm3jax.parallel.maybe_initialize_distributed` reads, plus
 ``devices_per_process`` simulated CPU devices. Collectives go over gloo, as on a CPU cluster.
 Output lines are prefixed with the process id; SIGTERM and SIGINT are forwarded to every process.
-Exits with the first non-zero exit code, else 0.
+When one process fails the others are terminated, and the job exits with the failed process's
+code (128 + N for a signal N); else 0.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 
 def _free_port() -> int:
@@ -53,12 +55,20 @@ def launch(command: list[str], processes: int, devices_per_process: int = 1, env
     pumps = [threading.Thread(target=pump, args=(i, p), daemon=True) for i, p in enumerate(procs)]
     for t in pumps:
         t.start()
-    codes = [p.wait() for p in procs]
+    failed = None
+    while any(p.poll() is None for p in procs):
+        failed = failed or next((p for p in procs if p.poll()), None)
+        if failed:  # the others would wait in a collective for the dead one until they time out
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+        time.sleep(0.1)
     for t in pumps:
         t.join()
     for s, handler in previous.items():
         signal.signal(s, handler)
-    return next((c for c in codes if c), 0)
+    code = (failed or next((p for p in procs if p.returncode), procs[0])).returncode
+    return 128 - code if code < 0 else code  # killed by signal N: the shell's 128 + N
 
 
 def main(argv=None) -> int:

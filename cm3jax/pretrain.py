@@ -73,9 +73,11 @@ def validate(config, mesh) -> None:
     if config.data.source != 'synthetic':
         raise configuration.ConfigError(f'data.source={config.data.source!r} is unknown; the one source so far '
                                         f'is "synthetic"')
+    if t.microbatches < 1:
+        raise configuration.ConfigError(f'train.microbatches={t.microbatches} must be >= 1 (1 = no accumulation)')
     shards = parallel.axis_size(mesh, parallel.rules_from_config(config), 'act_batch')
     unit = shards * t.microbatches
-    if t.microbatches < 1 or t.batch % unit or t.batch % jax.process_count():
+    if t.batch % unit or t.batch % jax.process_count():
         raise configuration.ConfigError(
             f'train.batch={t.batch} must be a multiple of the {shards} batch shards x train.microbatches='
             f'{t.microbatches} (= {unit}) and of the {jax.process_count()} processes')
@@ -93,7 +95,15 @@ def synthetic_data(config, seed: int) -> tuple[synthetic.SyntheticTask, syntheti
 
 def train(config, workdir: str, init_from: str | None = None) -> dict[str, float]:
     """Train (or resume) in ``workdir``; ``init_from``: another workdir whose latest params
-    start a fresh run (fine-tuning). Returns a summary of the run (also printed)."""
+    start a fresh run (fine-tuning). Returns a summary of the run (also printed).
+
+    SIGTERM at any point from here on saves at the next step boundary and returns normally.
+    """
+    with loop.Preemption() as preemption:
+        return _train(config, workdir, init_from, preemption)
+
+
+def _train(config, workdir: str, init_from: str | None, preemption: loop.Preemption) -> dict[str, float]:
     parallel.maybe_initialize_distributed()
     workdir = pathlib.Path(workdir).absolute()
     say = print if jax.process_index() == 0 else (lambda *a, **k: None)
@@ -169,7 +179,7 @@ def train(config, workdir: str, init_from: str | None = None) -> dict[str, float
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state, last = loop.train(state=state, train_step=train_step, data=data, num_steps=t.steps,
                                  rng=jax.random.key(config.seed + 1), hooks=hooks, checkpointer=ckpt,
-                                 tokens_per_step=tokens_per_step, progress=t.progress)
+                                 tokens_per_step=tokens_per_step, progress=t.progress, preemption=preemption)
     ckpt.close()
     writer.close()
     summary = {'step': int(jax.device_get(state['step'])), 'unigram_entropy': entropy}

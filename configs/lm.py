@@ -102,7 +102,7 @@ def get_config(arg: str = 'tiny') -> ConfigDict:
         'async_checkpoint': True,
         'profile_start': 0,       # > 0: trace steps (profile_start, profile_start + profile_steps]
         'profile_steps': 5,
-        'peak_flops': 0.0,        # per device, for MFU; 0 = datasheet for known chips, else measured
+        'peak_flops': 0.0,        # MFU's peak per device (CPU: per process); 0 = datasheet, else measured
         'progress': True,
     })
     # Training data. 'synthetic': copy / reverse / sort / add digit strings (cm3jax.data.synthetic).

@@ -65,6 +65,17 @@ def test_a_checkpoint_for_another_model_is_refused_naming_the_tensor(tmp_path):
         checkpoint.restore_params(tmp_path, wider['params'])
 
 
+def test_extra_tensors_are_refused_and_byte_states_round_trip(tmp_path):
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    ckpt.save(1, {'params': {'a': jnp.ones(2), 'b': jnp.ones(3)}}, b'{"grain": 1}')  # grain DataLoader state
+    ckpt.close()
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    with pytest.raises(checkpoint.CheckpointMismatch, match="has tensor 'params/b' that the model lacks"):
+        ckpt.restore({'params': {'a': jax.ShapeDtypeStruct((2,), jnp.float32)}})
+    both = {'params': {k: jax.ShapeDtypeStruct((n,), jnp.float32) for k, n in (('a', 2), ('b', 3))}}
+    assert ckpt.restore(both)[1] == b'{"grain": 1}'
+
+
 def test_time_interval_saves_follow_the_injected_clock(tmp_path):
     now = [0.0]
     ckpt = checkpoint.Checkpointer(tmp_path, every_steps=100, every_seconds=60, clock=lambda: now[0])

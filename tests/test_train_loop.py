@@ -203,3 +203,16 @@ def test_train_rejects_a_batch_the_mesh_cannot_split(tmp_path):
     with pytest.raises(ValueError, match=r'train.batch=12 must be a multiple of the 4 batch shards x '
                                          r'train.microbatches=2 \(= 8\)'):
         pretrain.validate(config, parallel.mesh_from_config(config.mesh))
+    config.train.microbatches = 0
+    with pytest.raises(ValueError, match=r'train.microbatches=0 must be >= 1'):
+        pretrain.validate(config, parallel.mesh_from_config(config.mesh))
+
+
+def test_launcher_stops_the_others_when_one_process_fails():
+    from cm3jax import launch
+    script = ('import os, sys, time\n'
+              'if os.environ["JAX_PROCESS_ID"] == "1": sys.exit(3)\n'
+              'time.sleep(120)')
+    begin = time.time()
+    assert launch.launch([sys.executable, '-c', script], processes=2) == 3
+    assert time.time() - begin < 60

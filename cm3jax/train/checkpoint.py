@@ -47,18 +47,35 @@ def _shapes(tree) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
 
 
 def check_fits(saved, target, where: str) -> None:
-    """Raise `CheckpointMismatch` unless every tensor of ``target`` is in ``saved`` (orbax
-    metadata) with the same shape; ``where`` names the checkpoint in the message."""
-    have, want = _shapes(saved), _shapes(target)
-    missing = sorted(set(want) - set(have))
-    if missing:
-        raise CheckpointMismatch(f'{where} has no tensor {missing[0]!r} (and {len(missing) - 1} more missing); '
-                                 f'it was written for a different model or optimizer')
+    """Raise `CheckpointMismatch` unless the tensors of ``saved`` (orbax metadata) under
+    ``target``'s top-level keys are exactly ``target``'s, with the same shapes; ``where``
+    names the checkpoint in the message. Other top-level keys (e.g. the optimizer state when
+    only params are wanted) are not read."""
+    want = _shapes(target)
+    tops = {name.split('/')[0] for name in want}
+    have = {name: v for name, v in _shapes(saved).items() if name.split('/')[0] in tops}
     # parameters first: they name the model change, while optimizer moments only mirror them
-    for name, (shape, _) in sorted(want.items(), key=lambda item: not item[0].startswith('params')):
+    first = lambda names: sorted(names, key=lambda name: (not name.startswith('params'), name))
+    missing, extra = first(set(want) - set(have)), first(set(have) - set(want))
+    if missing or extra:
+        name, verb = (missing[0], 'lacks') if missing else (extra[0], 'has')
+        raise CheckpointMismatch(f'{where} {verb} tensor {name!r} that the model '
+                                 f'{"has" if missing else "lacks"} ({len(missing)} missing, {len(extra)} extra '
+                                 f'in all); it was written for a different model or optimizer')
+    for name in first(want):
+        shape = want[name][0]
         if have[name][0] != shape:
             raise CheckpointMismatch(f'{where}: tensor {name!r} has shape {have[name][0]} in the checkpoint but '
                                      f'{shape} in the model; load it with the config it was trained with')
+
+
+def _to_json(state):
+    """grain's DataLoader iterators give their state as JSON bytes; the dataset API's as dicts."""
+    return {'bytes': state.decode()} if isinstance(state, bytes) else {'json': state}
+
+
+def _from_json(entry):
+    return entry['bytes'].encode() if 'bytes' in entry else entry['json']
 
 
 def _gather_json(obj) -> list:
@@ -97,22 +114,26 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
+    def due_by_time(self) -> bool:
+        """This host's clock says a save is due. Clocks differ across hosts and a save is
+        collective, so multi-host callers must agree on one host's answer (`should_save` does)."""
+        return bool(self.every_seconds) and self.clock() - self._last_save_time >= self.every_seconds
+
+    def due_by_step(self, step: int) -> bool:
+        return bool(self.every_steps) and step % self.every_steps == 0
+
     def should_save(self, step: int) -> bool:
-        """Due by step count, or by time since the last save (the same answer on every host)."""
-        if self.every_steps and step % self.every_steps == 0:
-            return True
-        if not self.every_seconds:
-            return False
-        due = self.clock() - self._last_save_time >= self.every_seconds
-        if jax.process_count() > 1:  # clocks differ across hosts; a save is a collective
+        """Due by step count, or by process 0's clock (the same answer on every host)."""
+        due = self.due_by_time()
+        if jax.process_count() > 1 and self.every_seconds:
             due = bool(multihost_utils.broadcast_one_to_all(np.array(due)))
-        return due
+        return self.due_by_step(step) or due
 
     def save(self, step: int, state, data_state: Any = None) -> None:
         """Start an async save of ``state`` (global arrays) and the data iterator's state."""
         if step in self._manager.all_steps():
             return
-        data = {'processes': _gather_json(data_state)}
+        data = {'processes': _gather_json(_to_json(data_state))}
         self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                          data=ocp.args.JsonSave(data)), force=True)
         self._last_save_time = self.clock()
@@ -129,7 +150,7 @@ class Checkpointer:
         check_fits(self._manager.item_metadata(step)['state'], target, where)
         restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                        data=ocp.args.JsonRestore()))
-        return restored['state'], _pick_data_state(restored['data']['processes'], where)
+        return restored['state'], _from_json(_pick_data_state(restored['data']['processes'], where))
 
     def wait(self) -> None:
         """Block until every started save is on disk."""
@@ -161,13 +182,16 @@ def restore_params(directory: str | pathlib.Path, target_params, step: int | Non
         directory = directory / 'checkpoints'
     manager = ocp.CheckpointManager(directory, item_names=('state', 'data'),
                                     item_handlers={'state': ocp.StandardCheckpointHandler(),
-                                                   'data': ocp.JsonCheckpointHandler()})
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f'no finished checkpoint in {directory}')
-    where = f'checkpoint {directory}/{step}'
-    check_fits(manager.item_metadata(step)['state'], {'params': target_params}, where)
-    manager.close()
+                                                   'data': ocp.JsonCheckpointHandler()},
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f'no finished checkpoint in {directory}')
+        where = f'checkpoint {directory}/{step}'
+        check_fits(manager.item_metadata(step)['state'], {'params': target_params}, where)
+    finally:
+        manager.close()
     restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape,
                                                                  dtype=x.dtype), target_params)
     restored = ocp.PyTreeCheckpointer().restore(

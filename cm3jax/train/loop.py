@@ -62,55 +62,70 @@ class Hook:
 
 class Preemption:
     """Turns SIGTERM (a preemption notice, or ``kill``) into a flag the loop reads at a step
-    boundary, where it saves and exits cleanly. All hosts agree before acting, because a
-    checkpoint save is collective and the signal may reach only some of them."""
+    boundary, where it saves and exits cleanly.
+
+    A context manager: install it before the slow start-up (restore, compile) so that an early
+    signal is not fatal either; the old handlers come back on exit.
+    """
 
     def __init__(self, signals=(signal.SIGTERM,)):
         self._flag = threading.Event()
-        self._previous = {}
+        self._signals, self._previous = signals, {}
+
+    def __enter__(self) -> 'Preemption':
         if threading.current_thread() is threading.main_thread():
-            for sig in signals:
+            for sig in self._signals:
                 self._previous[sig] = signal.signal(sig, lambda *_: self._flag.set())
+        return self
 
-    def requested(self) -> bool:
-        flag = self._flag.is_set()
-        if jax.process_count() > 1:
-            flag = bool(np.asarray(multihost_utils.process_allgather(np.array(flag))).any())
-        return flag
-
-    def restore(self) -> None:
+    def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous = {}
+
+    def requested_here(self) -> bool:
+        """This process got the signal (other hosts may not have)."""
+        return self._flag.is_set()
+
+
+def _agree(preempted: bool, time_due: bool) -> tuple[bool, bool]:
+    """One collective per step for every host to act alike: stop if any host was signalled
+    (a save is collective, and the signal may reach only some hosts); save by process 0's clock."""
+    if jax.process_count() == 1:
+        return preempted, time_due
+    flags = np.asarray(multihost_utils.process_allgather(np.array([preempted, time_due])))
+    return bool(flags[:, 0].any()), bool(flags[0, 1])
 
 
 def train(*, state, train_step, data: DataIterator, num_steps: int, rng: jax.Array, hooks: list[Hook] = (),
           checkpointer: Checkpointer | None = None, tokens_per_step: int = 0, progress: bool = True,
-          desc: str = 'train') -> tuple[Any, dict]:
+          desc: str = 'train', preemption: Preemption | None = None) -> tuple[Any, dict]:
     """Run ``train_step`` from ``state['step']`` up to ``num_steps``; returns (state, last metrics).
 
     ``train_step(state, batch, rng)`` is jitted (e.g. `cm3jax.train.step.jit_train_step`);
-    step ``s`` gets ``fold_in(rng, s)``. Stops early, after saving, when SIGTERM arrives.
-    Raises `cm3jax.train.step.NonFiniteError` on NaN/inf, after waiting for pending saves so the
-    last good checkpoint is complete.
+    step ``s`` gets ``fold_in(rng, s)``. When SIGTERM arrives (caught by ``preemption``, or by
+    one this call installs), the loop saves after the current step and returns; hooks do not
+    run then, so the save starts at once. Raises `cm3jax.train.step.NonFiniteError` on NaN/inf,
+    after waiting for pending saves so the last good checkpoint is complete.
     """
     start = int(jax.device_get(state['step']))
     metrics: dict = {}
     if start >= num_steps:
         log.info('already at step %d of %d; nothing to train', start, num_steps)
         return state, metrics
-
-    # ---- Compile ahead of time, on the first batch ----
-    batch = next(data)
-    begin = time.perf_counter()
-    compiled = train_step.lower(state, batch, jax.random.fold_in(rng, start + 1)).compile()
-    log.info('train step compiled in %.1fs', time.perf_counter() - begin)
-
-    # ---- Loop ----
-    preemption = Preemption()
+    own = preemption is None
+    preemption = Preemption().__enter__() if own else preemption
     bar = tqdm(total=num_steps, initial=start, desc=desc, disable=not progress or jax.process_index() != 0,
                dynamic_ncols=True)
-    train_seconds = 0.0
     try:
+        # ---- Compile ahead of time, on the first batch ----
+        batch = next(data)
+        begin = time.perf_counter()
+        compiled = train_step.lower(state, batch, jax.random.fold_in(rng, start + 1)).compile()
+        log.info('train step compiled in %.1fs', time.perf_counter() - begin)
+
+        # ---- Loop ----
+        train_seconds = 0.0
         for step in range(start + 1, num_steps + 1):
             begin = time.perf_counter()
             if step > start + 1:
@@ -125,12 +140,17 @@ def train(*, state, train_step, data: DataIterator, num_steps: int, rng: jax.Arr
                 step_lib.check_finite(metrics, step)
 
             last = step == num_steps
-            stop = preemption.requested()
-            info = StepInfo(step, state, metrics, train_seconds, last or stop)
+            stop, time_due = _agree(preemption.requested_here(), bool(checkpointer and checkpointer.due_by_time()))
+            if stop:
+                if checkpointer:
+                    checkpointer.save(step, state, data.get_state())
+                log.warning('SIGTERM: saved step %d and stopped; run the same command to resume', step)
+                break
+            info = StepInfo(step, state, metrics, train_seconds, last)
             for hook in hooks:
-                if hook.due(step, last or stop):
+                if hook.due(step, last):
                     hook.fn(info)
-            if checkpointer and (last or stop or checkpointer.should_save(step)):
+            if checkpointer and (last or time_due or checkpointer.due_by_step(step)):
                 checkpointer.save(step, state, data.get_state())
 
             bar.update(1)
@@ -138,15 +158,22 @@ def train(*, state, train_step, data: DataIterator, num_steps: int, rng: jax.Arr
             if tokens_per_step:
                 postfix['tok/s'] = f'{(step - start) * tokens_per_step / train_seconds:,.0f}'
             bar.set_postfix(postfix)
-            if stop:
-                log.warning('SIGTERM: saved step %d and stopped; run the same command to resume', step)
-                break
     finally:
         bar.close()
-        preemption.restore()
+        _stop_profiler()
         if checkpointer:
-            checkpointer.wait()
+            checkpointer.wait()  # before the handler goes: a second SIGTERM must not cut a save short
+        if own:
+            preemption.__exit__()
     return state, metrics
+
+
+def _stop_profiler() -> None:
+    """End a `profile_hook` trace the loop left open (a stop or an error inside the window)."""
+    try:
+        jax.profiler.stop_trace()
+    except RuntimeError:  # no trace running: the usual case
+        pass
 
 
 def metrics_hook(writer: MetricWriter, every: int, *, tokens_per_step: int = 0, flops_per_step: float = 0.0,
@@ -190,13 +217,14 @@ def eval_hook(eval_step, batches: Callable[[], Iterator], writer: MetricWriter, 
 
 
 def profile_hook(logdir: str, start_step: int, num_steps: int) -> Hook:
-    """A `jax.profiler` trace of steps (start_step, start_step + num_steps] into ``logdir``,
-    viewable in TensorBoard's profile tab or Perfetto."""
+    """A `jax.profiler` trace of steps (start_step, start_step + num_steps] into
+    ``logdir/process_N``, viewable in TensorBoard's profile tab or Perfetto. The loop ends a
+    trace left open by a stop or an error."""
     active = {'on': False}
 
     def profile(info: StepInfo) -> None:
-        if info.step == start_step and not active['on']:
-            jax.profiler.start_trace(logdir)
+        if info.step == start_step and not active['on'] and not info.last:
+            jax.profiler.start_trace(f'{logdir}/process_{jax.process_index()}')
             active['on'] = True
         elif active['on'] and (info.step >= start_step + num_steps or info.last):
             jax.profiler.stop_trace()

@@ -97,20 +97,24 @@ def measure_matmul_flops(n: int = 2048, dtype=jnp.float32, seconds: float = 1.0,
 
 
 def peak_flops(configured: float = 0.0, dtype=jnp.float32) -> tuple[float, str]:
-    """The machine's peak FLOP/s over all devices, and where the figure came from.
+    """The job's peak FLOP/s, and where the figure came from.
 
-    ``configured`` > 0 is taken as per-device. Otherwise known accelerators use their dense
-    bf16 datasheet peak; anything else (CPU) is measured with a large matmul in ``dtype``. Simulated CPU
-    devices share the host's cores, so on CPU one measurement is the whole machine's peak.
+    Accelerators: ``configured`` > 0 per device, else the dense bf16 datasheet peak of known
+    chips, else a large matmul in ``dtype`` measured on one device; times the device count.
+    CPU: simulated devices share their process's cores, so the unit is the process, not the
+    device: ``configured`` or the measured matmul, times the process count (one process per
+    host; local multi-process runs on one host overstate the peak).
     """
     devices = jax.devices()
+    name = np.dtype(dtype).name
+    if devices[0].platform == 'cpu':
+        per_process, source = (configured, 'configured') if configured > 0 else \
+            (measure_matmul_flops(dtype=dtype), f'measured {name} matmul')
+        return per_process * jax.process_count(), f'{source}, per process x {jax.process_count()}'
+    kind = devices[0].device_kind
     if configured > 0:
         return configured * len(devices), 'configured'
-    kind = devices[0].device_kind
-    for name, flops in KNOWN_PEAK_FLOPS:
-        if name in kind:
+    for known, flops in KNOWN_PEAK_FLOPS:
+        if known in kind:
             return flops * len(devices), f'datasheet ({kind})'
-    measured = measure_matmul_flops(dtype=dtype)
-    if devices[0].platform == 'cpu':
-        return measured, f'measured {np.dtype(dtype).name} matmul on the host'
-    return measured * len(devices), f'measured {np.dtype(dtype).name} matmul ({kind})'
+    return measure_matmul_flops(dtype=dtype) * len(devices), f'measured {name} matmul ({kind})'

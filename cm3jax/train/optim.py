@@ -59,7 +59,8 @@ class OptimConfig:
 
 
 def schedule(cfg: OptimConfig) -> optax.Schedule:
-    """Linear warmup from 0 to ``learning_rate`` over ``warmup_steps``, then the decay."""
+    """The rate of step ``s`` (1-based): linear warmup reaching ``learning_rate`` at step
+    ``warmup_steps``, then the decay, reaching its end at ``warmup_steps + decay_steps``."""
     peak, end = cfg.learning_rate, cfg.learning_rate * cfg.final_lr_fraction
     if cfg.schedule == 'constant':
         decay = optax.constant_schedule(peak)
@@ -88,10 +89,18 @@ def decay_mask(params):
 
 def make_optimizer(cfg: OptimConfig, mask=decay_mask) -> optax.GradientTransformation:
     """clip(global norm) -> AdamW with ``mask`` (a pytree of bools or a function of params)
-    choosing which parameters decay. The learning rate is injected so it can be logged."""
+    choosing which parameters decay.
+
+    Update ``n`` (optax counts from 0) uses ``schedule(cfg)(n + 1)``, so the first step does
+    not get a zero rate from the warmup and the last step gets the decay's end value. Only the
+    learning rate is injected into the state (to be logged); the other settings stay static,
+    so a resumed run follows its config rather than values stored in the checkpoint.
+    """
     clip = optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity()
-    adamw = optax.inject_hyperparams(optax.adamw, static_args=('mask',))(
-        learning_rate=schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask)
+    rate = schedule(cfg)
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=('mask', 'b1', 'b2', 'eps', 'weight_decay'))(
+        learning_rate=lambda count: rate(count + 1), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+        weight_decay=cfg.weight_decay, mask=mask)
     return optax.chain(clip, adamw)
 
 
