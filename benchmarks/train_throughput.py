@@ -5,6 +5,11 @@ The step is the real one (`cm3jax.train.step`: LM loss, AdamW, clipping, NaN gua
 run on the same device, so the ratio (MFU) is meaningful on a shared machine. Prints one JSON
 line with tokens_per_s, model_flops_per_token, peak_flops and mfu.
 
+The default shape is wide and shallow (2 layers, d_model 896, heads of 128): on a CPU the
+matmuls run near peak and what pulls MFU down is the memory-bound work between them (the
+attention softmax over [B, H, T, T], norms, GELU), which a wide model has less of per FLOP.
+`--layers 6 --d_model 512 --heads 8` (19.4M params) measures a deeper, narrower shape.
+
     python benchmarks/train_throughput.py [--layers 2 --d_model 896 --heads 7 --seq 512 --batch 8]
 """
 
@@ -83,7 +88,8 @@ def main():
     flops_per_token = pretrain.flops_per_token(cfg, args.seq)
     tokens_per_s = args.batch * args.seq / step_s
     print(json.dumps({
-        'benchmark': 'train_throughput', 'params': n_params, 'seq': args.seq, 'batch': args.batch,
+        'benchmark': 'train_throughput', 'params': n_params, 'layers': args.layers, 'd_model': args.d_model,
+        'heads': args.heads, 'seq': args.seq, 'batch': args.batch,
         'dtype': args.dtype, 'device': jax.devices()[0].device_kind,
         'step_s': round(step_s, 4), 'tokens_per_s': round(tokens_per_s, 1),
         'model_flops_per_token': flops_per_token, 'peak_flops': round(peak),
