@@ -1,7 +1,8 @@
 """`cm3jax quickstart`: the model end to end on the mesh, in under a minute on a laptop CPU.
 
 1. Builds the mesh and creates the parameters already sharded.
-2. Fits a handful of fixed random token sequences with AdamW, with a progress bar.
+2. Fits a handful of fixed random token sequences with the train step `cm3jax train` uses
+   (AdamW at a constant rate), with a progress bar.
 3. Prompts with each sequence's first tokens and decodes the rest greedily through the KV
    cache, checks the cached logits against a full forward pass, and reports how many tokens
    came back exactly.
@@ -14,14 +15,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import flax.linen as nn
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from cm3jax import configuration, parallel
 from cm3jax.model import transformer
-from cm3jax.train.loss import cross_entropy
+from cm3jax.train import optim, state as state_lib, step as step_lib
+from cm3jax.train.loss import token_stats
 
 
 def run(config) -> dict[str, float]:
@@ -42,37 +43,34 @@ def run(config) -> dict[str, float]:
                                         f'and of the {jax.process_count()} processes')
 
     say(f'devices: {jax.device_count()} x {jax.devices()[0].platform}; mesh {dict(mesh.shape)}')
-    rng = jax.random.key(config.seed)
-    example = jnp.zeros((q.batch, q.seq_len), jnp.int32)
-    variables, shardings = parallel.init_sharded(model.init, mesh, rules, rng, example)
-    params, param_shardings = variables['params'], shardings['params']
-    replicated = parallel.check_sharding(params)
-    say(f'model: {parallel.num_params(params):,} params, vocab {cfg.vocab_size} (padded {cfg.padded_vocab_size}), '
-        f'{cfg.num_layers} layers, d_model {cfg.d_model}; replicated large-param bytes {replicated:.0%}')
+    # the same optimizer, state and step as `cm3jax train`, at a constant rate and no decay
+    optimizer = optim.make_optimizer(optim.OptimConfig(learning_rate=q.learning_rate, schedule='constant',
+                                                       weight_decay=0.0, grad_clip=0.0))
+    init_fn = lambda rng, x: model.init(rng, x)['params']
+    init_args = (jax.random.key(config.seed), jnp.zeros((q.batch, q.seq_len), jnp.int32))
+    target = state_lib.abstract_state(init_fn, optimizer, mesh, rules, *init_args)
+    state = state_lib.init_state(init_fn, optimizer, mesh, rules, *init_args)
+    replicated = parallel.check_sharding(state['params'])
+    say(f'model: {parallel.num_params(state["params"]):,} params, vocab {cfg.vocab_size} (padded '
+        f'{cfg.padded_vocab_size}), {cfg.num_layers} layers, d_model {cfg.d_model}; replicated large-param bytes '
+        f'{replicated:.0%}')
 
     # Data: fixed random sequences, all in the real vocab.
     seqs = np.random.default_rng(config.seed).integers(0, cfg.vocab_size, (q.batch, q.seq_len), dtype=np.int32)
     rows = q.batch // jax.process_count()  # each host feeds its own contiguous rows
-    batch = parallel.global_batch(seqs[jax.process_index() * rows:(jax.process_index() + 1) * rows], mesh, rules)
-    optimizer = optax.adamw(q.learning_rate, b1=0.9, b2=0.95, weight_decay=0.0)
-
-    def loss_fn(params, tokens):
-        logits = model.apply({'params': params}, tokens[:, :-1])
-        return cross_entropy(logits, tokens[:, 1:], z_loss=config.loss.z_loss)
-
-    def train_step(params, opt_state, tokens):
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, metrics
+    local = seqs[jax.process_index() * rows:(jax.process_index() + 1) * rows]
+    tokens = parallel.global_batch(local, mesh, rules)
+    batch = parallel.global_batch({'inputs': local[:, :-1], 'targets': local[:, 1:]}, mesh, rules)
+    loss_fn = lambda params, batch, rng: token_stats(model.apply({'params': params}, batch['inputs']),
+                                                     batch['targets'], z_loss=config.loss.z_loss)
+    step = step_lib.jit_train_step(step_lib.make_train_step(loss_fn, optimizer), state_lib.shardings_of(target),
+                                   parallel.logical_sharding(mesh, rules, ('act_batch', 'act_len')))
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        # one program in flight at a time: see generate()
-        opt_state = jax.block_until_ready(jax.jit(optimizer.init)(params))
-        step = jax.jit(train_step, donate_argnums=(0, 1), out_shardings=(param_shardings, None, None))
         start, first = time.perf_counter(), None
         bar = tqdm(range(q.steps), desc='fit', disable=jax.process_index() != 0)
-        for _ in bar:
-            params, opt_state, metrics = step(params, opt_state, batch)
+        for i in bar:  # waited for each step: one program in flight at a time (see generate())
+            state, metrics = step(state, batch, jax.random.key(i))
             if first is None:
                 first = float(metrics['nll'])
             bar.set_postfix(loss=f"{float(metrics['nll']):.3f}", acc=f"{float(metrics['accuracy']):.2f}")
@@ -81,7 +79,8 @@ def run(config) -> dict[str, float]:
         say(f'fit: loss {first:.3f} -> {final:.3f} in {q.steps} steps ({fit_s:.1f}s, '
             f'{q.steps * q.batch * (q.seq_len - 1) / fit_s:,.0f} tokens/s)')
 
-        generated, cache_error, decode_s = generate(model, params, batch, q.prompt_len, q.seq_len)
+        params = state['params']
+        generated, cache_error, decode_s = generate(model, params, tokens, q.prompt_len, q.seq_len)
     exact = float((generated[:, q.prompt_len:] == seqs[:, q.prompt_len:]).mean())
     new_tokens = q.batch * (q.seq_len - q.prompt_len)
     say(f'generate: prompt {q.prompt_len} tokens, {q.seq_len - q.prompt_len} new per row, KV cache; '
