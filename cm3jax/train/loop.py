@@ -115,8 +115,7 @@ def train(*, state, train_step, data: DataIterator, num_steps: int, rng: jax.Arr
         return state, metrics
     own = preemption is None
     preemption = Preemption().__enter__() if own else preemption
-    bar = tqdm(total=num_steps, initial=start, desc=desc, disable=not progress or jax.process_index() != 0,
-               dynamic_ncols=True)
+    bar = None
     try:
         # ---- Compile ahead of time, on the first batch ----
         batch = next(data)
@@ -125,6 +124,8 @@ def train(*, state, train_step, data: DataIterator, num_steps: int, rng: jax.Arr
         log.info('train step compiled in %.1fs', time.perf_counter() - begin)
 
         # ---- Loop ----
+        bar = tqdm(total=num_steps, initial=start, desc=desc, disable=not progress or jax.process_index() != 0,
+                   dynamic_ncols=True)
         train_seconds = 0.0
         for step in range(start + 1, num_steps + 1):
             begin = time.perf_counter()
@@ -159,7 +160,8 @@ def train(*, state, train_step, data: DataIterator, num_steps: int, rng: jax.Arr
                 postfix['tok/s'] = f'{(step - start) * tokens_per_step / train_seconds:,.0f}'
             bar.set_postfix(postfix)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         _stop_profiler()
         if checkpointer:
             checkpointer.wait()  # before the handler goes: a second SIGTERM must not cut a save short
