@@ -1,6 +1,7 @@
 # `make demo` and `make test` each create .venv on first use and install cm3jax into it
 # (again whenever setup.py changes). `make test` adds the [test] and [parity] extras:
-# pytest, and the CPU torch 2.13.0 + transformers reference models.
+# pytest, and the CPU torch 2.13.0 + transformers reference models, plus taming-transformers
+# (installed without its dependencies) for the VQ-GAN parity tests.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -18,6 +19,8 @@ $(BASE): setup.py
 
 $(TEST): $(BASE)
 	$(BIN)/python -m pip install -q -e '.[test,parity]'
+	# taming-transformers' own requirements (lightning, ...) are not needed for its model modules
+	$(BIN)/python -m pip install -q --no-deps taming-transformers==0.0.1
 	touch $@
 
 # The main job on 8 simulated CPU devices, as a (data, fsdp, tensor) = (2, 2, 2) mesh: train the

@@ -20,6 +20,7 @@ setup(
         'tqdm>=4.66',
         'tensorboardX>=2.6',
         'portpicker>=1.6',  # cm3jax.launch: a free coordinator port for local multi-process runs
+        'safetensors>=0.4',  # cm3jax.convert: weight files without pickles
     ],
     extras_require={
         'test': ['pytest>=8', 'pytest-xdist>=3.5'],

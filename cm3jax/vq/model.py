@@ -1,0 +1,288 @@
+"""A taming-style VQ-GAN image tokenizer: encoder, vector quantizer, decoder (NHWC, Flax Linen).
+
+CM3leon tokenizes 256x256 images into 32x32 codes from 8,192 (Make-A-Scene style); Chameleon
+512x512 into 32x32. The layout follows taming-transformers, so taming, Chameleon and
+LlamaGen/Janus checkpoints convert by renaming (`cm3jax.convert.vqgan`):
+
+- Encoder: conv_in, per level ``num_res_blocks`` ResnetBlocks (+ AttnBlocks at
+  ``attn_resolutions``) and a stride-2 downsample except at the last level, a middle of
+  resnet / attention / resnet, GroupNorm + swish, conv_out to ``z_channels``.
+- ``quant_conv`` (1x1) maps to the codebook's ``embed_dim``; a small ``embed_dim`` is the
+  factorised low-dimensional lookup of ViT-VQGAN / LlamaGen, ``l2_normalize`` its cosine form.
+- Decoder mirrors the encoder with nearest-neighbour upsampling and one more block per level.
+
+Quantizer training updates that are not gradients (EMA codebook, dead-code restart) are pure
+functions of arrays here; the trainer applies them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class VQConfig:
+    resolution: int = 32
+    in_channels: int = 3
+    out_channels: int = 3
+    ch: int = 64
+    ch_mult: tuple[int, ...] = (1, 2)
+    num_res_blocks: int = 1
+    attn_resolutions: tuple[int, ...] = ()
+    z_channels: int = 64
+    embed_dim: int = 64           # codebook vector size; small = factorised lookup
+    num_codes: int = 512
+    beta: float = 0.25            # commitment weight (VQ-VAE)
+    l2_normalize: bool = False    # cosine codes: z and codebook unit-normalised (ViT-VQGAN, LlamaGen)
+    norm_groups: int = 32
+    norm_eps: float = 1e-6
+
+    @property
+    def latent_resolution(self) -> int:
+        return self.resolution // 2 ** (len(self.ch_mult) - 1)
+
+    def validate(self) -> 'VQConfig':
+        for c in {self.ch * m for m in (1, *self.ch_mult)}:
+            if c % self.norm_groups:
+                raise ValueError(f'vq channel count {c} (ch x ch_mult) is not divisible by norm_groups='
+                                 f'{self.norm_groups}; GroupNorm needs it')
+        if self.resolution % 2 ** (len(self.ch_mult) - 1):
+            raise ValueError(f'vq resolution {self.resolution} does not halve {len(self.ch_mult) - 1} times evenly')
+        return self
+
+
+def swish(x):
+    return x * jax.nn.sigmoid(x)
+
+
+def _conv(features: int, kernel: int, name: str, stride: int = 1, padding='SAME') -> nn.Conv:
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding, name=name)
+
+
+class ResnetBlock(nn.Module):
+    out_channels: int
+    cfg: VQConfig
+
+    @nn.compact
+    def __call__(self, x):  # [B, H, W, C] -> [B, H, W, out_channels]
+        norm = lambda name: nn.GroupNorm(self.cfg.norm_groups, epsilon=self.cfg.norm_eps, name=name)
+        h = _conv(self.out_channels, 3, 'conv1')(swish(norm('norm1')(x)))
+        h = _conv(self.out_channels, 3, 'conv2')(swish(norm('norm2')(h)))
+        if x.shape[-1] != self.out_channels:
+            x = _conv(self.out_channels, 1, 'nin_shortcut')(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all H*W positions (1x1 convs are Dense layers)."""
+    cfg: VQConfig
+
+    @nn.compact
+    def __call__(self, x):  # [B, H, W, C]
+        b, hh, ww, c = x.shape
+        h = nn.GroupNorm(self.cfg.norm_groups, epsilon=self.cfg.norm_eps, name='norm')(x)
+        q, k, v = (nn.Dense(c, name=n)(h).reshape(b, hh * ww, c) for n in ('q', 'k', 'v'))
+        w = jax.nn.softmax(jnp.einsum('bic,bjc->bij', q, k) * c**-0.5, axis=-1)
+        out = jnp.einsum('bij,bjc->bic', w, v).reshape(b, hh, ww, c)
+        return x + nn.Dense(c, name='proj_out')(out)
+
+
+class Encoder(nn.Module):
+    cfg: VQConfig
+
+    @nn.compact
+    def __call__(self, x):  # [B, R, R, in_channels] in [-1, 1] -> [B, r, r, z_channels]
+        cfg = self.cfg
+        h = _conv(cfg.ch, 3, 'conv_in')(x)
+        res = cfg.resolution
+        for i, mult in enumerate(cfg.ch_mult):
+            for j in range(cfg.num_res_blocks):
+                h = ResnetBlock(cfg.ch * mult, cfg, name=f'down_{i}_block_{j}')(h)
+                if res in cfg.attn_resolutions:
+                    h = AttnBlock(cfg, name=f'down_{i}_attn_{j}')(h)
+            if i != len(cfg.ch_mult) - 1:
+                # torch pads (0, 1, 0, 1) then convolves with stride 2 and no padding
+                h = jnp.pad(h, ((0, 0), (0, 1), (0, 1), (0, 0)))
+                h = _conv(h.shape[-1], 3, f'down_{i}_downsample', stride=2, padding='VALID')(h)
+                res //= 2
+        h = ResnetBlock(h.shape[-1], cfg, name='mid_block_1')(h)
+        h = AttnBlock(cfg, name='mid_attn_1')(h)
+        h = ResnetBlock(h.shape[-1], cfg, name='mid_block_2')(h)
+        h = swish(nn.GroupNorm(cfg.norm_groups, epsilon=cfg.norm_eps, name='norm_out')(h))
+        return _conv(cfg.z_channels, 3, 'conv_out')(h)
+
+
+class Decoder(nn.Module):
+    cfg: VQConfig
+
+    @nn.compact
+    def __call__(self, z):  # [B, r, r, z_channels] -> [B, R, R, out_channels]
+        cfg = self.cfg
+        levels = len(cfg.ch_mult)
+        h = _conv(cfg.ch * cfg.ch_mult[-1], 3, 'conv_in')(z)
+        h = ResnetBlock(h.shape[-1], cfg, name='mid_block_1')(h)
+        h = AttnBlock(cfg, name='mid_attn_1')(h)
+        h = ResnetBlock(h.shape[-1], cfg, name='mid_block_2')(h)
+        res = cfg.latent_resolution
+        for i in reversed(range(levels)):
+            for j in range(cfg.num_res_blocks + 1):
+                h = ResnetBlock(cfg.ch * cfg.ch_mult[i], cfg, name=f'up_{i}_block_{j}')(h)
+                if res in cfg.attn_resolutions:
+                    h = AttnBlock(cfg, name=f'up_{i}_attn_{j}')(h)
+            if i != 0:
+                h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest-neighbour x2
+                h = _conv(h.shape[-1], 3, f'up_{i}_upsample')(h)
+                res *= 2
+        h = swish(nn.GroupNorm(cfg.norm_groups, epsilon=cfg.norm_eps, name='norm_out')(h))
+        return _conv(cfg.out_channels, 3, 'conv_out')(h)
+
+
+def _normalize(x, axis=-1):
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
+
+
+def nearest_codes(z: jax.Array, codebook: jax.Array, l2_normalize: bool = False) -> tuple[jax.Array, jax.Array]:
+    """z: Float[N, D], codebook: Float[K, D] -> (codes Int[N], squared distances Float[N, K])."""
+    if l2_normalize:
+        z, codebook = _normalize(z), _normalize(codebook)
+    z, codebook = z.astype(jnp.float32), codebook.astype(jnp.float32)
+    d = (z**2).sum(-1, keepdims=True) + (codebook**2).sum(-1) - 2 * z @ codebook.T
+    return d.argmin(-1).astype(jnp.int32), d
+
+
+def code_usage(codes: jax.Array, num_codes: int) -> dict[str, jax.Array]:
+    """Counts per code, the fraction of codes used, and the perplexity exp(H(p)) of their
+    frequencies (num_codes when all are used equally, 1 on collapse)."""
+    counts = jnp.bincount(codes.reshape(-1), length=num_codes)
+    p = counts / jnp.maximum(counts.sum(), 1)
+    entropy = -(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)).sum()
+    return {'counts': counts, 'used_fraction': (counts > 0).mean(), 'perplexity': jnp.exp(entropy)}
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-code lookup with the straight-through estimator.
+
+    Returns (z_q, codes, aux): z_q [B, h, w, D] carries the encoder's gradient; aux holds the
+    codebook loss ``|z_q - sg(z)|^2``, the commitment loss ``beta |sg(z_q) - z|^2`` and the
+    distances [N, K] (for an entropy penalty). taming and Chameleon swap beta onto the
+    codebook term; the sum differs only in that weighting.
+    """
+    cfg: VQConfig
+
+    def setup(self):
+        k = self.cfg.num_codes  # taming's U(-1/K, 1/K)
+        self.embedding = self.param('embedding', lambda key, shape: jax.random.uniform(key, shape, jnp.float32,
+                                                                                       -1.0 / k, 1.0 / k),
+                                    (k, self.cfg.embed_dim))
+
+    def __call__(self, z):
+        return quantize(z, self.embedding, self.cfg)
+
+    def lookup(self, codes):  # Int[...] -> the (normalised) code vectors [..., D]
+        return (_normalize(self.embedding) if self.cfg.l2_normalize else self.embedding)[codes]
+
+
+def quantize(z, codebook, cfg: VQConfig):
+    """Functional core of `VectorQuantizer` (z: [B, h, w, D], codebook: [K, D])."""
+    flat = z.reshape(-1, z.shape[-1])
+    codes, distances = nearest_codes(flat, codebook, cfg.l2_normalize)
+    if cfg.l2_normalize:
+        z, codebook = _normalize(z), _normalize(codebook)
+    z_q = codebook[codes].reshape(z.shape).astype(z.dtype)
+    aux = {'codebook_loss': jnp.mean((z_q - jax.lax.stop_gradient(z)) ** 2),
+           'commitment_loss': cfg.beta * jnp.mean((jax.lax.stop_gradient(z_q) - z) ** 2),
+           'distances': distances}
+    return z + jax.lax.stop_gradient(z_q - z), codes.reshape(z.shape[:-1]), aux
+
+
+class VQGAN(nn.Module):
+    """``__call__(images [B, R, R, C] in [-1, 1]) -> (reconstruction, codes [B, r, r], aux)``;
+    ``encode_codes`` and ``decode_codes`` are the two halves."""
+    cfg: VQConfig
+
+    def setup(self):
+        self.encoder = Encoder(self.cfg)
+        self.quant_conv = nn.Dense(self.cfg.embed_dim)
+        self.quantize = VectorQuantizer(self.cfg)
+        self.post_quant_conv = nn.Dense(self.cfg.z_channels)
+        self.decoder = Decoder(self.cfg)
+
+    def __call__(self, images):
+        z = self.quant_conv(self.encoder(images))
+        z_q, codes, aux = self.quantize(z)
+        aux['z'] = z
+        return self.decoder(self.post_quant_conv(z_q)), codes, aux
+
+    def encode_latents(self, images):  # pre-quantization latents [B, r, r, embed_dim]
+        return self.quant_conv(self.encoder(images))
+
+    def encode_codes(self, images):
+        return self.quantize(self.encode_latents(images))[1]
+
+    def decode_codes(self, codes):  # [B, r, r] -> images [B, R, R, C], float
+        return self.decoder(self.post_quant_conv(self.quantize.lookup(codes)))
+
+
+def _check_images(images, cfg: VQConfig) -> None:
+    shape = (cfg.resolution, cfg.resolution, cfg.in_channels)
+    if getattr(images, 'dtype', None) != np.uint8:
+        raise TypeError(f'encode takes uint8 images [B, {cfg.resolution}, {cfg.resolution}, {cfg.in_channels}] '
+                        f'(0..255); got dtype {getattr(images, "dtype", type(images))}')
+    if images.ndim != 4 or tuple(images.shape[1:]) != shape:
+        raise ValueError(f'this tokenizer takes images of shape [B, {", ".join(map(str, shape))}] '
+                         f'(vq resolution {cfg.resolution}, {cfg.in_channels} channels); got {tuple(images.shape)}. '
+                         f'Resize or crop them first')
+
+
+def encode(params, images, cfg: VQConfig) -> jax.Array:
+    """uint8 images [B, R, R, C] -> codes Int[B, r, r], r = R / 2**(len(ch_mult) - 1)."""
+    _check_images(images, cfg)
+    x = jnp.asarray(images, jnp.float32) / 127.5 - 1.0
+    return VQGAN(cfg).apply({'params': params}, x, method=VQGAN.encode_codes)
+
+
+def decode(params, codes, cfg: VQConfig) -> jax.Array:
+    """codes Int[B, r, r] -> uint8 images [B, R, R, C]."""
+    r = cfg.latent_resolution
+    if codes.ndim != 3 or tuple(codes.shape[1:]) != (r, r):
+        raise ValueError(f'decode takes codes of shape [B, {r}, {r}] for this tokenizer; got {tuple(codes.shape)}')
+    images = VQGAN(cfg).apply({'params': params}, jnp.asarray(codes, jnp.int32), method=VQGAN.decode_codes)
+    return to_uint8(images)
+
+
+def to_uint8(images: jax.Array) -> jax.Array:
+    """[-1, 1] floats -> uint8 0..255, rounded."""
+    return jnp.round((jnp.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
+
+
+def ema_update(ema: dict, z: jax.Array, codes: jax.Array, decay: float = 0.99, eps: float = 1e-5):
+    """EMA codebook (VQ-VAE-2): moving averages of per-code counts and vector sums.
+
+    ema: {'count': [K], 'sum': [K, D]}; z: Float[N, D] latents; codes: Int[N].
+    Returns (new ema, codebook [K, D]) with Laplace smoothing so unused codes stay finite.
+    """
+    k = ema['count'].shape[0]
+    onehot = jax.nn.one_hot(codes.reshape(-1), k, dtype=jnp.float32)
+    count = decay * ema['count'] + (1 - decay) * onehot.sum(0)
+    total = decay * ema['sum'] + (1 - decay) * onehot.T @ z.reshape(-1, z.shape[-1]).astype(jnp.float32)
+    n = count.sum()
+    smoothed = (count + eps) / (n + k * eps) * n
+    return {'count': count, 'sum': total}, total / smoothed[:, None]
+
+
+def restart_dead_codes(codebook: jax.Array, counts: jax.Array, z: jax.Array, rng: jax.Array,
+                       min_count: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """Move every code used fewer than ``min_count`` times to a random recent latent.
+
+    codebook: [K, D]; counts: [K] (e.g. summed `code_usage` counts over recent steps);
+    z: Float[N, D] recent latents. Returns (codebook, number of codes restarted).
+    """
+    dead = counts < min_count
+    picks = jax.random.randint(rng, (codebook.shape[0],), 0, z.shape[0])
+    fresh = z.reshape(-1, z.shape[-1])[picks].astype(codebook.dtype)
+    return jnp.where(dead[:, None], fresh, codebook), dead.sum()
