@@ -123,8 +123,11 @@ def _train(config, workdir: str, init_from: str | None, preemption: loop.Preempt
     # ---- Input pipeline ----
     task, local = synthetic_data(config, config.seed)
     data = GlobalBatches(local, mesh, rules)
-    eval_batches = lambda: (parallel.global_batch(next(it), mesh, rules) for it in
-                            [synthetic_data(config, config.seed + 1)[1]] for _ in range(t.eval_batches))
+
+    def eval_batches():  # the same held-out batches at every eval: another seed's stream from its start
+        held_out = synthetic_data(config, config.seed + 1)[1]
+        return (parallel.global_batch(next(held_out), mesh, rules) for _ in range(t.eval_batches))
+
     entropy = task.unigram_entropy(t.seq_len)
 
     # ---- Model and optimizer ----

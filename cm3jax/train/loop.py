@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from cm3jax.train import step as step_lib
 from cm3jax.train.checkpoint import Checkpointer
+from cm3jax.train.loss import means
 from cm3jax.train.metrics import MetricWriter
 
 log = logging.getLogger(__name__)
@@ -213,7 +214,7 @@ def eval_hook(eval_step, batches: Callable[[], Iterator], writer: MetricWriter, 
             total = stats if total is None else jax.tree.map(np.add, total, stats)
         if total is None:
             raise ValueError('the eval data yielded no batches')
-        writer.write(info.step, {f'{prefix}/{k}': s / max(c, 1e-9) for k, (s, c) in total.items()})
+        writer.write(info.step, {f'{prefix}/{k}': v for k, v in means(total).items()})
 
     return Hook(evaluate, every)
 
