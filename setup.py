@@ -21,6 +21,7 @@ setup(
         'tensorboardX>=2.6',
         'portpicker>=1.6',  # cm3jax.launch: a free coordinator port for local multi-process runs
         'safetensors>=0.4',  # cm3jax.convert: weight files without pickles
+        'pillow>=10',  # image grids as PNG
     ],
     extras_require={
         'test': ['pytest>=8', 'pytest-xdist>=3.5'],

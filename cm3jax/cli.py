@@ -2,6 +2,7 @@
 
 Commands:
   train        train the language model in --workdir (resumes there; --init_from=DIR to fine-tune)
+  train-tokenizer  train the VQ-GAN image tokenizer (--config=configs/vq.py:tiny) in --workdir
   quickstart   fit a few token sequences on the mesh, then regenerate them with the KV cache
   config       print the resolved, validated config
 """
@@ -31,17 +32,45 @@ def _train(config) -> None:
     pretrain.train(config, _WORKDIR.value, _INIT_FROM.value)
 
 
+def _train_tokenizer(config) -> None:
+    if not _WORKDIR.value:
+        raise app.UsageError('cm3jax train-tokenizer needs --workdir=DIR (checkpoints, metrics and images go there)')
+    if 'quantizer' not in config:
+        raise app.UsageError('cm3jax train-tokenizer needs a tokenizer config, e.g. --config=configs/vq.py:tiny')
+    import jax
+    from cm3jax import parallel
+    from cm3jax.data.synthetic import ShapeImages
+    from cm3jax.vq import train
+    if config.data.source != 'shapes':
+        raise app.UsageError(f'data.source={config.data.source!r} is unknown; the one image source so far is "shapes"')
+    parallel.maybe_initialize_distributed()  # before the data source asks which process it is
+    t, res = config.train, config.model.resolution
+    data = ShapeImages(t.batch, res, config.seed, jax.process_index(), jax.process_count())
+
+    def held_out():  # the same images at every eval: another seed's stream from its start
+        images = ShapeImages(t.batch, res, config.seed + 10_000)
+        return (next(images) for _ in range(t.eval_batches))
+
+    train.train(config, _WORKDIR.value, data, held_out)
+
+
 def _quickstart(config) -> None:
     from cm3jax import quickstart
     quickstart.run(config)
 
 
 def _show_config(config) -> None:
+    if 'quantizer' in config:  # a tokenizer config (configs/vq.py)
+        from cm3jax.vq.train import vq_config
+        vq_config(config)
+        print(config)
+        return
     from cm3jax import configuration
     print(configuration.validate(config))
 
 
-COMMANDS = {'train': _train, 'quickstart': _quickstart, 'config': _show_config}
+COMMANDS = {'train': _train, 'train-tokenizer': _train_tokenizer, 'quickstart': _quickstart,
+            'config': _show_config}
 
 
 def main(argv: list[str]) -> None:

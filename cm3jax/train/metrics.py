@@ -51,6 +51,12 @@ class MetricWriter:
         if self.enabled:
             self._tb.add_text(name, text, int(step))
 
+    def write_image(self, step: int, name: str, image: np.ndarray) -> None:
+        """A uint8 [H, W, C] image to TensorBoard."""
+        if self.enabled:
+            self._tb.add_image(name, np.asarray(image), int(step), dataformats='HWC')
+            self._tb.flush()
+
     def close(self) -> None:
         if self.enabled:
             self._jsonl.close()
