@@ -141,9 +141,8 @@ def _train(config, workdir: str, init_from: str | None, preemption: loop.Preempt
     # ---- Load checkpoint: resume this run, else start from another run's params, else init ----
     ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', every_steps=t.checkpoint_every,
                                    every_seconds=60 * t.checkpoint_minutes, keep=t.keep, use_async=t.async_checkpoint)
-    if ckpt.latest_step() is not None:
-        state, data_state = ckpt.restore(target)
-        data.set_state(data_state)
+    state = ckpt.resume(target, data)
+    if state is not None:
         say(f'resumed from step {int(state["step"])} in {ckpt.directory}')
     elif init_from:
         params = checkpoint.restore_params(init_from, target['params'])

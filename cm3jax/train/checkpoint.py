@@ -152,6 +152,16 @@ class Checkpointer:
                                                                        data=ocp.args.JsonRestore()))
         return restored['state'], _from_json(_pick_data_state(restored['data']['processes'], where))
 
+    def resume(self, target, data) -> Any | None:
+        """The latest state restored into ``target``, with ``data``'s iterator moved to where it
+        was (``data.set_state``); None when there is no checkpoint yet."""
+        if self.latest_step() is None:
+            return None
+        state, data_state = self.restore(target)
+        data.set_state(data_state)
+        log.info('resumed from step %d in %s', int(state['step']), self.directory)
+        return state
+
     def wait(self) -> None:
         """Block until every started save is on disk."""
         self._manager.wait_until_finished()

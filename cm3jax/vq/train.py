@@ -192,13 +192,12 @@ def _train(config, workdir, data, eval_batches, preemption) -> dict[str, float]:
               'usage': jax.ShapeDtypeStruct((cfg.num_codes,), jnp.float32, sharding=replicated)}
     ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', every_steps=t.checkpoint_every,
                                    every_seconds=60 * t.checkpoint_minutes, keep=t.keep, use_async=t.async_checkpoint)
-    if ckpt.latest_step() is not None:
-        state, data_state = ckpt.restore(target)
-        data.set_state(data_state)
-        say(f'resumed from step {int(state["step"])} in {ckpt.directory}')
-    else:
+    state = ckpt.resume(target, data)
+    if state is None:
         state = state_lib.init_state(init_fn, optimizer, mesh, rules, *args)
         state['usage'] = jax.device_put(jnp.zeros(cfg.num_codes, jnp.float32), replicated)
+    else:
+        say(f'resumed from step {int(state["step"])} in {ckpt.directory}')
     disc_size = 'off' if disc is None else f'{parallel.num_params(state["params"]["disc"]):,} params'
     say(f'tokenizer: {parallel.num_params(state["params"]["vq"]):,} params, {cfg.resolution}px -> '
         f'{cfg.latent_resolution}x{cfg.latent_resolution} codes from {cfg.num_codes}; discriminator {disc_size}')
