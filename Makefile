@@ -1,7 +1,8 @@
 # `make demo` and `make test` each create .venv on first use and install cm3jax into it
-# (again whenever setup.py changes). `make test` adds the [test] and [parity] extras:
-# pytest, and the CPU torch 2.13.0 + transformers reference models, plus taming-transformers
-# (installed without its dependencies) for the VQ-GAN parity tests.
+# (again whenever setup.py changes). `make test` adds the [test], [parity] and [tf] extras:
+# pytest and hypothesis, the CPU torch 2.13.0 + transformers reference models, TFDS (without
+# TensorFlow), plus taming-transformers (installed without its dependencies) for the VQ-GAN
+# parity tests.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -18,7 +19,7 @@ $(BASE): setup.py
 	touch $@
 
 $(TEST): $(BASE)
-	$(BIN)/python -m pip install -q -e '.[test,parity]'
+	$(BIN)/python -m pip install -q -e '.[test,parity,tf]'
 	# taming-transformers' own requirements (lightning, ...) are not needed for its model modules
 	$(BIN)/python -m pip install -q --no-deps taming-transformers==0.0.1
 	touch $@

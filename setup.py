@@ -22,12 +22,18 @@ setup(
         'portpicker>=1.6',  # cm3jax.launch: a free coordinator port for local multi-process runs
         'safetensors>=0.4',  # cm3jax.convert: weight files without pickles
         'pillow>=10',  # image grids as PNG
+        'tokenizers>=0.20',  # byte-level BPE (cm3jax.text_tokenizer)
+        'grain>=0.2.12',  # the training data pipeline
+        'array-record>=0.8',  # prepared shards
+        'scipy>=1.11',  # the Shapes judge's connected components
+        'scikit-learn>=1.3',  # sklearn's bundled handwritten digits, a second offline image source
     ],
     extras_require={
-        'test': ['pytest>=8', 'pytest-xdist>=3.5'],
+        'test': ['pytest>=8', 'pytest-xdist>=3.5', 'hypothesis>=6.100'],
         # reference implementations for numerical parity tests (CPU torch from the local wheel)
         'parity': ['torch==2.13.0', 'transformers>=5.24,<6'],
-        'tf': ['tensorflow-datasets>=4.9.9', 'grain>=0.2.12'],
+        # TFDS builders and readers, without TensorFlow (tfds 4.9.10 needs importlib_resources to build)
+        'tf': ['tensorflow-datasets>=4.9.9', 'importlib_resources'],
     },
     entry_points={'console_scripts': ['cm3jax=cm3jax.cli:run']},
 )

@@ -3,6 +3,7 @@
 Commands:
   train        train the language model in --workdir (resumes there; --init_from=DIR to fine-tune)
   train-tokenizer  train the VQ-GAN image tokenizer (--config=configs/vq.py:tiny) in --workdir
+  prepare      documents -> token shards (--config=configs/data.py:shapes --config.out=DIR --config.vq_workdir=DIR)
   quickstart   fit a few token sequences on the mesh, then regenerate them with the KV cache
   config       print the resolved, validated config
 """
@@ -54,12 +55,25 @@ def _train_tokenizer(config) -> None:
     train.train(config, _WORKDIR.value, data, held_out)
 
 
+def _prepare(config) -> None:
+    if 'vq_workdir' not in config:
+        raise app.UsageError('cm3jax prepare needs a data config, e.g. --config=configs/data.py:shapes')
+    from cm3jax.data import prepare
+    try:
+        prepare.run(config)
+    except (ValueError, FileNotFoundError) as e:
+        raise app.UsageError(str(e)) from e
+
+
 def _quickstart(config) -> None:
     from cm3jax import quickstart
     quickstart.run(config)
 
 
 def _show_config(config) -> None:
+    if 'vq_workdir' in config:  # a data config (configs/data.py)
+        print(config)
+        return
     if 'quantizer' in config:  # a tokenizer config (configs/vq.py)
         from cm3jax.vq.train import vq_config
         vq_config(config)
@@ -69,7 +83,7 @@ def _show_config(config) -> None:
     print(configuration.validate(config))
 
 
-COMMANDS = {'train': _train, 'train-tokenizer': _train_tokenizer, 'quickstart': _quickstart,
+COMMANDS = {'train': _train, 'train-tokenizer': _train_tokenizer, 'prepare': _prepare, 'quickstart': _quickstart,
             'config': _show_config}
 
 

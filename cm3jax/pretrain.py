@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import pathlib
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -17,10 +18,11 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 from cm3jax import configuration, parallel
-from cm3jax.data import synthetic
+from cm3jax.data import cm3, documents, pipeline, prepare, synthetic
 from cm3jax.model import transformer
 from cm3jax.train import checkpoint, loop, metrics as metrics_lib, optim, state as state_lib, step as step_lib
 from cm3jax.train.loss import token_stats
+from cm3jax.vocab import Vocab
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +33,19 @@ def lm_loss_fn(model: transformer.Transformer, z_loss: float = 0.0, group_fn=Non
     per-group loss and accuracy (text vs image tokens)."""
     def loss_fn(params, batch, rng):
         del rng  # no dropout (PAPER.md section 4)
-        logits = model.apply({'params': params}, batch['inputs'], batch.get('segment_ids'))
+        logits = model.apply({'params': params}, batch['inputs'], batch.get('segment_ids'), batch.get('positions'))
         groups = group_fn(batch) if group_fn else None
         return token_stats(logits, batch['targets'], batch.get('weights'), z_loss, groups)
     return loss_fn
+
+
+def _progress_line(metrics, source: 'Data') -> str:
+    line = f'loss {float(metrics["loss"]):.3f}'
+    if 'answer/accuracy' in metrics:
+        return line + (f', answer accuracy {float(metrics["answer/accuracy"]):.1%} '
+                       f'(unigram entropy {source.entropy:.3f})')
+    return line + ''.join(f', {g} nll {float(metrics[f"{g}/nll"]):.3f}' for g in ('text', 'image')
+                          if f'{g}/nll' in metrics)
 
 
 def flops_per_token(cfg: transformer.TransformerConfig, seq_len: int) -> float:
@@ -70,9 +81,11 @@ def validate(config, mesh) -> None:
     t = config.train
     if t.seq_len > config.model.max_len:
         raise configuration.ConfigError(f'train.seq_len={t.seq_len} exceeds model.max_len={config.model.max_len}')
-    if config.data.source != 'synthetic':
-        raise configuration.ConfigError(f'data.source={config.data.source!r} is unknown; the one source so far '
-                                        f'is "synthetic"')
+    if config.data.source not in ('synthetic', 'prepared'):
+        raise configuration.ConfigError(f'data.source={config.data.source!r} is unknown; choose "synthetic" or '
+                                        f'"prepared" (shards written by `cm3jax prepare`, in data.dir)')
+    if config.data.source == 'prepared' and not config.data.dir:
+        raise configuration.ConfigError('data.source="prepared" needs data.dir=DIR (the output of `cm3jax prepare`)')
     if t.microbatches < 1:
         raise configuration.ConfigError(f'train.microbatches={t.microbatches} must be >= 1 (1 = no accumulation)')
     shards = parallel.axis_size(mesh, parallel.rules_from_config(config), 'act_batch')
@@ -81,7 +94,7 @@ def validate(config, mesh) -> None:
         raise configuration.ConfigError(
             f'train.batch={t.batch} must be a multiple of the {shards} batch shards x train.microbatches='
             f'{t.microbatches} (= {unit}) and of the {jax.process_count()} processes')
-    if synthetic.VOCAB_SIZE > config.model.vocab_size:
+    if config.data.source == 'synthetic' and synthetic.VOCAB_SIZE > config.model.vocab_size:
         raise configuration.ConfigError(f'model.vocab_size={config.model.vocab_size} is smaller than the synthetic '
                                         f'task\'s {synthetic.VOCAB_SIZE} ids')
 
@@ -91,6 +104,51 @@ def synthetic_data(config, seed: int) -> tuple[synthetic.SyntheticTask, syntheti
     tasks = tuple(x.strip() for x in d.tasks.split(',') if x.strip())
     task = synthetic.SyntheticTask(tasks, d.min_len, d.max_len)
     return task, synthetic.SyntheticBatches(task, t.batch, t.seq_len, seed, jax.process_index(), jax.process_count())
+
+
+def pipeline_config(config, seed: int) -> pipeline.PipelineConfig:
+    d, t = config.data, config.train
+    return pipeline.PipelineConfig(
+        seq_len=t.seq_len, batch=t.batch, seed=seed,
+        layout=documents.LayoutConfig(text_first=d.text_first, caption_dropout=d.caption_dropout),
+        cm3=cm3.CM3Config(rate=d.cm3_rate, min_spans=d.cm3_min_spans, max_spans=d.cm3_max_spans))
+
+
+class Data(NamedTuple):
+    train: Any              # host-local DataIterator
+    eval_batches: Any       # () -> iterator of global batches
+    group_fn: Any           # batch -> {name: Bool[B, T]}, the loss's metric groups
+    describe: str
+    entropy: float | None   # the synthetic task's unigram entropy (a loss to beat)
+
+
+def make_data(config, mesh, rules) -> Data:
+    """The training stream and held-out batches of ``config.data``."""
+    t, d = config.train, config.data
+    if d.source == 'synthetic':
+        task, local = synthetic_data(config, config.seed)
+
+        def eval_batches():  # the same held-out batches at every eval: another seed's stream from its start
+            held_out = synthetic_data(config, config.seed + 1)[1]
+            return (parallel.global_batch(next(held_out), mesh, rules) for _ in range(t.eval_batches))
+
+        entropy = task.unigram_entropy(t.seq_len)
+        return Data(local, eval_batches, lambda b: {'answer': b['answer']},
+                    f'synthetic {",".join(task.tasks)}; unigram entropy {entropy:.3f} nats', entropy)
+    vocab = Vocab.from_dict(prepare.read_manifest(d.dir)['vocab'])
+    if vocab.size > config.model.vocab_size:
+        raise configuration.ConfigError(f'{d.dir} was prepared for a vocab of {vocab.size} ids but model.vocab_size '
+                                        f'is {config.model.vocab_size}: set --config.model.vocab_size={vocab.size}')
+    where = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    local = pipeline.Pipeline(d.dir, vocab, pipeline_config(config, config.seed), **where)
+
+    def eval_batches():  # held-out shards if given, else the training shards in another order
+        held_out = pipeline.Pipeline(d.eval_dir or d.dir, vocab, pipeline_config(config, config.seed + 1), **where)
+        return (parallel.global_batch(next(held_out), mesh, rules) for _ in range(t.eval_batches))
+
+    group_fn = lambda b: {k: v for k, v in vocab.groups(b['targets']).items() if k != 'special'}
+    return Data(local, eval_batches, group_fn, f'{local.num_documents} documents in {d.dir} (this process); '
+                f'vocab {vocab.size} ids ({vocab.num_image_codes} image codes)', None)
 
 
 def train(config, workdir: str, init_from: str | None = None) -> dict[str, float]:
@@ -121,14 +179,8 @@ def _train(config, workdir: str, init_from: str | None, preemption: loop.Preempt
         f'mesh {dict(mesh.shape)}; workdir {workdir}')
 
     # ---- Input pipeline ----
-    task, local = synthetic_data(config, config.seed)
-    data = GlobalBatches(local, mesh, rules)
-
-    def eval_batches():  # the same held-out batches at every eval: another seed's stream from its start
-        held_out = synthetic_data(config, config.seed + 1)[1]
-        return (parallel.global_batch(next(held_out), mesh, rules) for _ in range(t.eval_batches))
-
-    entropy = task.unigram_entropy(t.seq_len)
+    source = make_data(config, mesh, rules)
+    data = GlobalBatches(source.train, mesh, rules)
 
     # ---- Model and optimizer ----
     cfg = configuration.transformer_config(config, mesh, rules)
@@ -154,7 +206,7 @@ def _train(config, workdir: str, init_from: str | None, preemption: loop.Preempt
         f'replicated large-param bytes {parallel.check_sharding(state["params"]):.0%}')
 
     # ---- Update step ----
-    loss_fn = lm_loss_fn(model, config.loss.z_loss, group_fn=lambda b: {'answer': b['answer']})
+    loss_fn = lm_loss_fn(model, config.loss.z_loss, group_fn=source.group_fn)
     batch_shardings = parallel.logical_sharding(mesh, rules, ('act_batch', 'act_len'))  # every [B, T] leaf
     train_step = step_lib.jit_train_step(step_lib.make_train_step(loss_fn, optimizer, t.microbatches),
                                          state_lib.shardings_of(target), batch_shardings)
@@ -168,14 +220,12 @@ def _train(config, workdir: str, init_from: str | None, preemption: loop.Preempt
     hooks = [loop.metrics_hook(writer, t.log_every, tokens_per_step=tokens_per_step,
                                flops_per_step=flops * tokens_per_step, peak_flops=peak)]
     if t.eval_every:
-        hooks.append(loop.eval_hook(eval_step, eval_batches, writer, t.eval_every))
-        report = lambda info: say_line(f'step {info.step}: loss {float(info.metrics["loss"]):.3f}, answer accuracy '
-                                       f'{float(info.metrics["answer/accuracy"]):.1%} (unigram entropy {entropy:.3f})')
-        hooks.append(loop.Hook(report, t.eval_every))
+        hooks.append(loop.eval_hook(eval_step, source.eval_batches, writer, t.eval_every))
+        hooks.append(loop.Hook(lambda info: say_line(f'step {info.step}: {_progress_line(info.metrics, source)}'),
+                               t.eval_every))
     if t.profile_start:
         hooks.append(loop.profile_hook(str(workdir / 'profile'), t.profile_start, t.profile_steps))
-    say(f'task: synthetic {",".join(task.tasks)}; unigram entropy {entropy:.3f} nats; '
-        f'{flops / 1e6:.2f} MFLOPs/token; peak {peak / 1e9:.0f} GFLOP/s ({peak_source})')
+    say(f'data: {source.describe}; {flops / 1e6:.2f} MFLOPs/token; peak {peak / 1e9:.0f} GFLOP/s ({peak_source})')
 
     # ---- Train ----
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -184,8 +234,13 @@ def _train(config, workdir: str, init_from: str | None, preemption: loop.Preempt
                                  tokens_per_step=tokens_per_step, progress=t.progress, preemption=preemption)
     ckpt.close()
     writer.close()
-    summary = {'step': int(jax.device_get(state['step'])), 'unigram_entropy': entropy}
-    summary.update({k: float(last[k]) for k in ('loss', 'accuracy', 'answer/accuracy') if k in last})
+    summary = {'step': int(jax.device_get(state['step']))}
+    if source.entropy is not None:
+        summary['unigram_entropy'] = source.entropy
+    summary.update({k: float(last[k]) for k in ('loss', 'accuracy', 'answer/accuracy', 'text/nll', 'image/nll')
+                    if k in last})
+    if hasattr(source.train, 'report'):
+        say(source.train.report())
     say(f'step {summary["step"]} of {t.steps}; checkpoints and metrics.jsonl in {workdir}; '
         f'tensorboard --logdir {workdir}/tensorboard')
     return summary

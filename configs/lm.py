@@ -106,8 +106,17 @@ def get_config(arg: str = 'tiny') -> ConfigDict:
         'progress': True,
     })
     # Training data. 'synthetic': copy / reverse / sort / add digit strings (cm3jax.data.synthetic).
-    config.data = ConfigDict({'source': 'synthetic', 'tasks': 'copy,reverse,sort,add', 'min_len': 2,
-                              'max_len': 8})
+    # 'prepared': shards written by `cm3jax prepare` in `dir` (held-out ones in `eval_dir`), laid out
+    # and CM3-masked on the fly (cm3jax.data.pipeline; PAPER.md sections 1-2).
+    config.data = ConfigDict({
+        'source': 'synthetic', 'tasks': 'copy,reverse,sort,add', 'min_len': 2, 'max_len': 8,
+        'dir': '', 'eval_dir': '',
+        'text_first': 0.5,        # caption-then-image (text-to-image) order, else image first
+        'caption_dropout': 0.0,   # text -> <mask> (CFG's unconditional stream also works without it)
+        'cm3_rate': 1.0,          # spans ~ Poisson(rate), clamped to [min, max] (0 = plain causal)
+        'cm3_min_spans': 0,
+        'cm3_max_spans': 8,       # at most the vocab's sentinels (cm3jax prepare: vocab.num_sentinels)
+    })
 
     # The quickstart: fit a few fixed token patterns, then regenerate them with the KV cache.
     config.quickstart = ConfigDict({'batch': 8, 'seq_len': 64, 'steps': 100, 'learning_rate': 3e-3,

@@ -1,0 +1,117 @@
+"""The CM3 causal-masked objective (PAPER.md section 2), as a pure numpy function of (tokens, rng).
+
+    x0 <mask:0> x2 <break> img ... <eos>
+  ->  x0 <mask:0> x2 <break> img ... <mask:0> x1 <eoss> <eos>
+
+n ~ Poisson(rate) spans, clamped to [min_spans, max_spans], each a uniform non-empty run of
+tokens that never crosses ``<break>`` (CM3leon's rule: the model must not learn to start an
+image mid-way) nor touches any other special token. Each span is replaced in place by the
+enumerated sentinel ``<mask:i>`` (in order of position) and moved, after ``<mask:i>``, to the
+end of the document, before its ``<eos>``, closed by ``<eoss>`` when ``end_of_span``.
+
+Weights are per token, for predicting that token: 0 for every sentinel (their place is
+random, so unpredictable) and 1 elsewhere; the pipeline shifts them with the targets. n = 0
+leaves the document as it is (a plain causal example, as Meta's metaseq allows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class CM3Config:
+    rate: float = 1.0        # Poisson lambda of the span count
+    min_spans: int = 0       # CM3's paper clamps to [1, 16]; metaseq allows 0 (plain causal)
+    max_spans: int = 16
+    end_of_span: bool = True  # close each moved span with <eoss> (metaseq)
+    max_tries: int = 64      # rejection sampling of overlapping spans, per span
+
+    def __post_init__(self):
+        if self.rate < 0:
+            raise ValueError(f'data.cm3.rate={self.rate} must be >= 0')
+        if not 0 <= self.min_spans <= self.max_spans:
+            raise ValueError(f'need 0 <= data.cm3.min_spans ({self.min_spans}) <= data.cm3.max_spans '
+                             f'({self.max_spans})')
+
+
+def maskable_runs(tokens: np.ndarray, vocab) -> list[tuple[int, int]]:
+    """Maximal [start, stop) runs of non-special tokens: the places a span may lie."""
+    ok = ~np.asarray(vocab.is_special(tokens))
+    edges = np.diff(np.concatenate([[0], ok.astype(np.int8), [0]]))
+    return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
+
+
+def sample_spans(tokens: np.ndarray, vocab, rng: np.random.Generator, cfg: CM3Config) -> list[tuple[int, int]]:
+    """Sorted, disjoint, non-empty [start, stop) spans inside `maskable_runs`.
+
+    Each span picks a run with probability proportional to its number of possible spans, then
+    a uniform (start, stop) within it; overlaps are redrawn. When the document has too little
+    room (short runs), fewer spans come back.
+    """
+    n = int(np.clip(rng.poisson(cfg.rate), cfg.min_spans, min(cfg.max_spans, len(vocab.sentinels))))
+    runs = maskable_runs(tokens, vocab)
+    if not n or not runs:
+        return []
+    lengths = np.array([b - a for a, b in runs], np.float64)
+    choices = lengths * (lengths + 1) / 2  # spans per run
+    p = choices / choices.sum()
+    taken = np.zeros(len(tokens), bool)
+    spans = []
+    for _ in range(n):
+        for _ in range(cfg.max_tries):
+            a, b = runs[rng.choice(len(runs), p=p)]
+            i, j = np.sort(rng.choice(b - a + 1, 2, replace=False)) + a
+            if not taken[i:j].any():
+                taken[i:j] = True
+                spans.append((int(i), int(j)))
+                break
+    return sorted(spans)
+
+
+def transform(tokens: np.ndarray, vocab, rng: np.random.Generator,
+              cfg: CM3Config = CM3Config()) -> tuple[np.ndarray, np.ndarray]:
+    """Int[T] document tokens (ending in ``<eos>``) -> (Int32[T + n*(2 + end_of_span)] tokens,
+    Float32[...] weights). See the module docstring."""
+    tokens = np.asarray(tokens, np.int32)
+    spans = sample_spans(tokens, vocab, rng, cfg)
+    if not spans:
+        return tokens, np.ones(len(tokens), np.float32)
+    ends_in_eos = len(tokens) > 0 and tokens[-1] == vocab.eos
+    body, moved, prev = [], [], 0
+    for k, (i, j) in enumerate(spans):
+        s = vocab.sentinel(k)
+        body += [tokens[prev:i], [s]]
+        moved += [[s], tokens[i:j]] + ([[vocab.eoss]] if cfg.end_of_span else [])
+        prev = j
+    tail = tokens[prev:-1] if ends_in_eos else tokens[prev:]
+    out = np.concatenate([*body, tail, *moved, [vocab.eos] if ends_in_eos else []]).astype(np.int32)
+    weights = np.where(np.isin(out, vocab.sentinels), 0.0, 1.0).astype(np.float32)
+    return out, weights
+
+
+def invert(tokens: np.ndarray, vocab, end_of_span: bool = True) -> np.ndarray:
+    """The document `transform` was given, from its output (for tests and debugging)."""
+    tokens = np.asarray(tokens, np.int32)
+    first = vocab.sentinel(0)
+    where = np.flatnonzero(tokens == first)
+    if len(where) < 2:
+        return tokens
+    ends_in_eos = tokens[-1] == vocab.eos
+    body, rest = tokens[:where[1]], tokens[where[1]:len(tokens) - int(ends_in_eos)]
+    spans = {}
+    sentinel_at = np.flatnonzero(np.isin(rest, vocab.sentinels))
+    for n, start in enumerate(sentinel_at):
+        stop = sentinel_at[n + 1] if n + 1 < len(sentinel_at) else len(rest)
+        content = rest[start + 1:stop]
+        if end_of_span:
+            content = content[:-1]
+        spans[int(rest[start])] = content
+    out = []
+    for t in body:
+        out.append(spans[int(t)] if t in spans else [t])
+    if ends_in_eos:
+        out.append([vocab.eos])
+    return np.concatenate(out).astype(np.int32)

@@ -1,0 +1,129 @@
+"""Multimodal documents, and how one becomes token ids.
+
+A `Document` is an ordered list of segments: ``str`` for text, ``np.ndarray`` uint8
+[H, W, C] for an image (or, once prepared, int [h, w] VQ codes). Sources (`cm3jax.data.sources`)
+yield them; `prepare` tokenizes them; `tokens` lays them out as CM3leon does (PAPER.md section 1):
+
+    caption <break> [h*w image ids] <eos>          text-to-image order
+    [h*w image ids] <break> caption <eos>          image-to-text order
+
+with a ``<break>`` at every switch of modality and ``<eos>`` at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Union
+
+import numpy as np
+
+Segment = Union[str, np.ndarray]
+
+
+@dataclasses.dataclass
+class Document:
+    """segments: text (str) or image (uint8 [H, W, C] pixels, or int [h, w] codes); id: unique
+    within its source; meta: free-form (e.g. the Shapes scene graph)."""
+    segments: list[Segment]
+    id: str = ''
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def texts(self) -> list[str]:
+        return [s for s in self.segments if isinstance(s, str)]
+
+    @property
+    def images(self) -> list[np.ndarray]:
+        return [s for s in self.segments if not isinstance(s, str)]
+
+    @property
+    def modalities(self) -> str:
+        """'text', 'image' or 'image+text' (retrieval prefers documents with both)."""
+        kinds = {'text' if isinstance(s, str) else 'image' for s in self.segments}
+        return 'image+text' if len(kinds) > 1 else next(iter(kinds), 'text')
+
+
+# ---- Prepared documents: segments as joint-vocab ids ----
+
+@dataclasses.dataclass(frozen=True)
+class LayoutConfig:
+    """How a prepared document is laid out at training time (drawn per example, per epoch).
+
+    text_first: probability that a text+image pair is laid out caption-first (text-to-image);
+      otherwise image-first (image-to-text). Other documents keep their order.
+    caption_dropout: probability that every text segment of a document with an image becomes
+      one ``<mask>`` (classifier-free guidance needs T(y | <mask>); PAPER.md section 5).
+    """
+    text_first: float = 0.5
+    caption_dropout: float = 0.0
+
+    def __post_init__(self):
+        for name in ('text_first', 'caption_dropout'):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f'data.layout.{name}={getattr(self, name)} must lie in [0, 1]')
+
+
+def segment_ids(segment: Segment, vocab, text_tokenizer) -> np.ndarray:
+    """One segment -> Int32[n] joint-vocab ids: text through the BPE, image codes Int[h, w]
+    (already VQ-encoded) through ``vocab.image_ids``."""
+    if isinstance(segment, str):
+        return text_tokenizer.encode_joint(segment, vocab)
+    codes = np.asarray(segment)
+    if codes.dtype == np.uint8 and codes.ndim == 3:
+        raise TypeError('segment_ids takes VQ codes Int[h, w], not pixels: encode images first (cm3jax.data.prepare)')
+    if codes.size and (codes.min() < 0 or codes.max() >= vocab.num_image_codes):
+        raise ValueError(f'image codes must lie in [0, {vocab.num_image_codes}); got [{codes.min()}, {codes.max()}]: '
+                         f'the VQ tokenizer has more codes than vocab.num_image_codes')
+    return np.asarray(vocab.image_ids(codes.reshape(-1)), np.int32)
+
+
+def layout(segments: list[np.ndarray], is_image: list[bool], vocab, rng: np.random.Generator,
+           cfg: LayoutConfig = LayoutConfig()) -> np.ndarray:
+    """Joint-vocab segments -> Int32[T] tokens ``seg <break> seg ... <eos>``.
+
+    A ``<break>`` goes between segments of different modality (only there: two text segments
+    in a row are joined as they are). rng draws the order and the caption dropout.
+    """
+    if len(segments) != len(is_image) or not segments:
+        raise ValueError(f'layout needs one is_image flag per segment and at least one segment; got '
+                         f'{len(segments)} segments and {len(is_image)} flags')
+    segments, is_image = list(segments), list(is_image)
+    if len(segments) == 2 and is_image[0] != is_image[1]:
+        text_first = rng.random() < cfg.text_first
+        if text_first == is_image[0]:
+            segments, is_image = segments[::-1], is_image[::-1]
+    if cfg.caption_dropout and any(is_image) and rng.random() < cfg.caption_dropout:
+        segments = [s if img else np.array([vocab.mask], np.int32) for s, img in zip(segments, is_image)]
+    out = [segments[0]]
+    for prev, (seg, img) in zip(is_image, zip(segments[1:], is_image[1:])):
+        if img != prev:
+            out.append(np.array([vocab.break_], np.int32))
+        out.append(seg)
+    out.append(np.array([vocab.eos], np.int32))
+    return np.concatenate(out).astype(np.int32)
+
+
+def encode_record(segments: list[np.ndarray], is_image: list[bool], doc_id: str = '',
+                  image_shape: tuple[int, int] | None = None) -> bytes:
+    """A prepared document as one ArrayRecord record: a JSON header line, then int32 ids."""
+    header = {'id': doc_id, 'lengths': [int(len(s)) for s in segments], 'image': [bool(i) for i in is_image]}
+    if image_shape is not None:
+        header['image_shape'] = list(image_shape)
+    body = np.concatenate([np.asarray(s, np.int32) for s in segments]) if segments else np.zeros(0, np.int32)
+    return json.dumps(header).encode() + b'\n' + body.astype('<i4').tobytes()
+
+
+def decode_record(record: bytes) -> tuple[list[np.ndarray], list[bool], dict]:
+    """Inverse of `encode_record` -> (segments, is_image, header). Raises ValueError on a
+    corrupt record (the pipeline skips and counts those)."""
+    try:
+        head, _, body = record.partition(b'\n')
+        header = json.loads(head)
+        ids = np.frombuffer(body, '<i4').astype(np.int32)
+        lengths = header['lengths']
+        if sum(lengths) != ids.size or len(header['image']) != len(lengths):
+            raise ValueError(f'{ids.size} ids for segment lengths {lengths}')
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ValueError(f'corrupt document record: {e}') from e
+    return np.split(ids, np.cumsum(lengths)[:-1]), list(header['image']), header

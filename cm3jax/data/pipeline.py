@@ -1,0 +1,150 @@
+"""The training data pipeline (grain): prepared shards -> packed, CM3-masked token rows.
+
+    ArrayRecord shards (this process's share)
+      -> grain MapDataset: shuffle(seed) per epoch, repeat
+      -> per example, from rng = default_rng([seed, process, index]):
+           decode record -> [retrieval augmentation hook] -> layout -> CM3 transform
+      -> greedy packing into rows of seq_len + 1 tokens (segment ids, positions, weights)
+      -> this process's rows of the global batch (numpy); `parallel.global_batch` makes jax.Arrays
+
+Every example is a pure function of (seed, process index, example index), and a row takes
+whole examples in order until the next one does not fit, so the iterator's state is just the
+index of the next example: `get_state` / `set_state` restore the exact next batch, which the
+checkpointer saves alongside the model. Processes read disjoint sets of shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+from typing import Callable
+
+import numpy as np
+
+from cm3jax.data import cm3, documents, prepare
+from cm3jax.vocab import Vocab
+
+log = logging.getLogger(__name__)
+
+# The retrieval-augmentation hook: (query record header, query segments, is_image, rng) ->
+# laid-out token documents (each ending in <eos>) to put before the query; the retrieval issue
+# fills it from neighbour lists written next to the shards.
+Augment = Callable[[dict, list, list, np.random.Generator], list[np.ndarray]]
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    seq_len: int
+    batch: int                # global rows per step
+    seed: int = 0
+    shuffle: bool = True
+    layout: documents.LayoutConfig = documents.LayoutConfig()
+    cm3: cm3.CM3Config = cm3.CM3Config()
+
+    def __post_init__(self):
+        if self.seq_len < 2 or self.batch < 1:
+            raise ValueError(f'pipeline needs seq_len >= 2 and batch >= 1; got {self.seq_len}, {self.batch}')
+
+
+class Pipeline:
+    """A `cm3jax.train.loop.DataIterator` of this process's rows:
+    {'inputs', 'targets', 'segment_ids', 'positions': Int32[B_local, seq_len], 'weights': Float32[...]}.
+
+    weights are the CM3 weights of the targets (0 for sentinels), and 0 across document
+    boundaries and on padding (segment id 0).
+    """
+
+    def __init__(self, data_dir: str | pathlib.Path, vocab: Vocab, cfg: PipelineConfig, *,
+                 process_index: int = 0, process_count: int = 1, augment: Augment | None = None):
+        import grain
+
+        if cfg.batch % process_count:
+            raise ValueError(f'train.batch={cfg.batch} must be a multiple of the {process_count} processes')
+        self.data_dir, self.vocab, self.cfg, self.augment = pathlib.Path(data_dir), vocab, cfg, augment
+        self.process_index, self.rows = process_index, cfg.batch // process_count
+        manifest = prepare.read_manifest(data_dir, vocab)
+        if len(manifest['shards']) < process_count:
+            raise ValueError(f'{data_dir} has {len(manifest["shards"])} shards, fewer than the {process_count} '
+                             f'processes: prepare with a smaller prepare.shard_size')
+        self.shards = [self.data_dir / s['path'] for s in manifest['shards'][process_index::process_count]]
+        source = grain.sources.ArrayRecordDataSource([str(p) for p in self.shards])
+        self.num_documents = len(source)
+        ds = grain.MapDataset.source(source)
+        if cfg.shuffle:
+            ds = ds.shuffle(seed=cfg.seed)  # a fresh order every epoch after repeat
+        self._examples = ds.repeat(None).map_with_index(self._example)
+        self.position = 0                   # index of the next example
+        self.counts = {'skipped': 0, 'truncated': 0}
+
+    # ---- One example ----
+
+    def _example(self, index: int, record: bytes):
+        rng = np.random.default_rng([self.cfg.seed, self.process_index, index])
+        try:
+            segments, is_image, header = documents.decode_record(record)
+        except ValueError as e:
+            log.warning('skipping example %d: %s', index, e)
+            return None
+        tokens = documents.layout(segments, is_image, self.vocab, rng, self.cfg.layout)
+        if self.augment is not None:
+            retrieved = self.augment(header, segments, is_image, rng)
+            tokens = np.concatenate([*retrieved, tokens]).astype(np.int32)
+        return cm3.transform(tokens, self.vocab, rng, self.cfg.cm3)
+
+    def example(self, index: int):
+        """(tokens Int32[T], weights Float32[T]) of example ``index``, or None if its record is corrupt."""
+        return self._examples[index]
+
+    # ---- Packing ----
+
+    def _row(self) -> dict[str, np.ndarray]:
+        n = self.cfg.seq_len + 1
+        tokens = np.full(n, self.vocab.pad, np.int32)
+        weights, segments, positions = np.zeros(n, np.float32), np.zeros(n, np.int32), np.zeros(n, np.int32)
+        used = segment = 0
+        while True:
+            ex = self._examples[self.position]
+            if ex is None:
+                self.counts['skipped'] += 1
+                self.position += 1
+                continue
+            t, w = ex
+            if len(t) > n:
+                if used:  # a long example starts its own row
+                    break
+                self.counts['truncated'] += 1
+                t, w = t[:n], w[:n]
+            if used + len(t) > n:
+                break
+            segment += 1
+            tokens[used:used + len(t)], weights[used:used + len(t)] = t, w
+            segments[used:used + len(t)], positions[used:used + len(t)] = segment, np.arange(len(t))
+            used += len(t)
+            self.position += 1
+            if used == n:
+                break
+        same = (segments[1:] == segments[:-1]) & (segments[1:] > 0)
+        return {'inputs': tokens[:-1], 'targets': tokens[1:], 'segment_ids': segments[:-1],
+                'positions': positions[:-1], 'weights': weights[1:] * same}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        rows = [self._row() for _ in range(self.rows)]
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+    # ---- Checkpointed state ----
+
+    def get_state(self) -> dict:
+        return {'position': self.position, **self.counts}
+
+    def set_state(self, state: dict) -> None:
+        self.position = int(state['position'])
+        self.counts = {k: int(state.get(k, 0)) for k in self.counts}
+
+    def report(self) -> str:
+        return (f'{self.position} examples read from {len(self.shards)} shards ({self.num_documents} documents); '
+                f'{self.counts["skipped"]} corrupt records skipped, {self.counts["truncated"]} examples truncated '
+                f'to seq_len + 1 = {self.cfg.seq_len + 1}')
