@@ -44,7 +44,11 @@ def get_config(arg: str = 'tiny') -> ConfigDict:
         'disc_ndf': 32 if tiny else 64,
         'disc_layers': 2 if tiny else 3,
     })
-    config.quantizer = ConfigDict({'restart_every': 100, 'restart_min_count': 1.0})  # dead-code restart; 0 = off
+    config.quantizer = ConfigDict({
+        'restart_every': 100, 'restart_min_count': 1.0,  # dead-code restart; 0 = off
+        'ema_decay': 0.0,  # EMA codebook (VQ-VAE-2), e.g. 0.99, instead of its gradient; 0 = off, must be < 1
+        'ema_eps': 1e-5,   # the EMA's Laplace smoothing of code counts
+    })
     config.optim = ConfigDict({  # cm3jax.train.optim.OptimConfig; taming's Adam (0.5, 0.9) steadies the GAN
         'learning_rate': 5e-3 if tiny else 1e-4, 'warmup_steps': 50 if tiny else 1000, 'schedule': 'cosine',
         'decay_steps': 0, 'final_lr_fraction': 0.05, 'b1': 0.9 if tiny else 0.5, 'b2': 0.99 if tiny else 0.9,

@@ -74,6 +74,11 @@ def test_extra_tensors_are_refused_and_byte_states_round_trip(tmp_path):
         ckpt.restore({'params': {'a': jax.ShapeDtypeStruct((2,), jnp.float32)}})
     both = {'params': {k: jax.ShapeDtypeStruct((n,), jnp.float32) for k, n in (('a', 2), ('b', 3))}}
     assert ckpt.restore(both)[1] == b'{"grain": 1}'
+    # a whole top-level entry the model no longer has (e.g. an EMA codebook turned off) is named too
+    ckpt.save(2, {'params': {'a': jnp.ones(2)}, 'ema': {'count': jnp.ones(4)}}, None)
+    ckpt.wait()
+    with pytest.raises(checkpoint.CheckpointMismatch, match="has tensor 'ema/count' that the model lacks"):
+        ckpt.restore({'params': {'a': jax.ShapeDtypeStruct((2,), jnp.float32)}})
 
 
 def test_time_interval_saves_follow_the_injected_clock(tmp_path):

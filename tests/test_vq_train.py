@@ -73,3 +73,83 @@ def test_psnr_of_known_errors():
     x = jax.numpy.zeros((2, 4, 4, 3))
     y = x.at[1].set(0.2)  # error 0.1 on the [0, 1] scale
     np.testing.assert_allclose(train.psnr(x, y), [100.0, 20.0], rtol=1e-5)
+
+
+
+def test_ema_codebook_is_the_ema_of_the_batch_latents_and_is_checkpointed(tmp_path, capsys):
+    """One step with quantizer.ema_decay on: the codebook is the EMA formula on the batch's latents
+    and codes under the pre-step params (microbatches=2 the same as 1), the codebook gets no
+    gradient, restarted codes start their averages afresh; then a run on the mesh checkpoints 'ema'."""
+    import jax.numpy as jnp
+    from cm3jax.train import optim
+    from cm3jax.vq import model as vq
+
+    config = _config()
+    config.model.update(resolution=8, ch_mult=(1,), num_res_blocks=0)  # fewer layers: quicker to compile
+    cfg = train.vq_config(config)
+    model, k, decay, eps = vq.VQGAN(cfg), cfg.num_codes, 0.9, 1e-5
+    optimizer = optim.make_optimizer(optim.OptimConfig.from_config(config.optim, 10))
+    batch = {'images': jnp.asarray(next(ShapeImages(8, cfg.resolution, 0))['images'])}
+    x = batch['images'].astype(jnp.float32) / 127.5 - 1.0
+    rng = np.random.default_rng(0)  # random params: compiling model.init takes longer than this test's steps
+    params = {'vq': jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 0.2, s.shape), s.dtype),
+                                 jax.eval_shape(model.init, jax.random.key(0), x[:1])['params'])}
+
+    def compiled(fn, *args):  # LLVM's optimisations would double these compile times
+        return jax.jit(fn).lower(*args).compile({'xla_backend_optimization_level': 0})
+
+    encode = compiled(lambda p: model.apply({'params': p}, x, method=vq.VQGAN.encode_latents), params['vq'])
+    latents = lambda p: encode(p).reshape(-1, cfg.embed_dim)
+    ema = {'count': jnp.asarray(rng.uniform(0.5, 3.0, k), jnp.float32),
+           'sum': jnp.asarray(rng.normal(size=(k, cfg.embed_dim)), jnp.float32)}
+    dead = np.arange(k) < 5  # unused since the last restart; the other codes count as used a lot
+    state = {'step': jnp.int32(0), 'params': params, 'opt': optimizer.init(params),
+             'usage': jnp.asarray(np.where(dead, 0.0, 1e6), jnp.float32), 'ema': ema}
+
+    # independently: the pre-step params' latents and codes, and the EMA formula in float64
+    z = latents(params['vq'])
+    codes = np.asarray(vq.nearest_codes(z, params['vq']['quantize']['embedding'])[0])
+    z, onehot = np.asarray(z, np.float64), np.eye(k)[codes]
+    count = decay * np.asarray(ema['count'], np.float64) + (1 - decay) * onehot.sum(0)
+    total = decay * np.asarray(ema['sum'], np.float64) + (1 - decay) * onehot.T @ z
+    n = count.sum()
+    want = total / ((count + eps) / (n + k * eps) * n)[:, None]
+
+    books = []
+    for microbatches, restart_every in ((1, 1), (2, 0)):  # the first also restarts the dead codes
+        step = train.make_step(model, None, config.loss, optimizer, microbatches, restart_every=restart_every,
+                               restart_min_count=1e3, ema_decay=decay, ema_eps=eps)
+        new, metrics = compiled(step, state, batch, jax.random.key(1))(state, batch, jax.random.key(1))
+        book, new_ema = np.asarray(new['params']['vq']['quantize']['embedding']), jax.device_get(new['ema'])
+        live = ~dead if restart_every else np.ones(k, bool)
+        np.testing.assert_allclose(book[live], want[live], atol=1e-5)
+        np.testing.assert_allclose(new_ema['count'][live], count[live], atol=1e-5)
+        np.testing.assert_allclose(new_ema['sum'][live], total[live], atol=1e-5)
+        assert 'code_sums' not in metrics
+        if restart_every:  # the dead codes moved onto latents of the batch (new params), their EMA entries afresh
+            assert int(metrics['codes/restarted']) == dead.sum()
+            moved = np.asarray(latents(new['params']['vq']))
+            assert np.abs(book[dead][:, None] - moved[None]).max(-1).min(-1).max() < 1e-5
+            np.testing.assert_array_equal(new_ema['count'][dead], 1.0)
+            np.testing.assert_array_equal(new_ema['sum'][dead], book[dead])
+        # no gradient reached the codebook (Adam's moments for it are zero), while the encoder learned
+        moments = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(new['opt'])
+                   if 'embedding' in jax.tree_util.keystr(path)]
+        assert moments and not any(np.asarray(m).any() for m in moments)
+        assert (np.asarray(new['params']['vq']['encoder']['conv_in']['kernel']) !=
+                np.asarray(params['vq']['encoder']['conv_in']['kernel'])).any()
+        books.append(book)
+    np.testing.assert_allclose(books[1][~dead], books[0][~dead], atol=1e-5)
+
+    # the trainer on the mesh (restarting every step): finite losses, and resuming restores a
+    # checkpoint that holds 'ema' (a target with 'ema' fails on one without it)
+    config.quantizer.update(ema_decay=0.99, restart_every=1, restart_min_count=1.0)
+    train.train(config, str(tmp_path), *_data(config))
+    rows = [r for r in _rows(tmp_path) if 'loss' in r]
+    assert [r['step'] for r in rows] == [1, 2] and np.isfinite([r['loss'] for r in rows]).all()
+    capsys.readouterr()
+    train.train(config, str(tmp_path), *_data(config))
+    assert 'resumed from step 2' in capsys.readouterr().out
+    config.quantizer.ema_decay = 1.0
+    with pytest.raises(ValueError, match=r'quantizer.ema_decay=1.0 must be in \[0, 1\)'):
+        train.train(config, str(tmp_path), *_data(config))

@@ -46,13 +46,15 @@ def _shapes(tree) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     return {_path_str(p): (tuple(x.shape), np.dtype(x.dtype)) for p, x in leaves if hasattr(x, 'shape')}
 
 
-def check_fits(saved, target, where: str) -> None:
+def check_fits(saved, target, where: str, whole: bool = False) -> None:
     """Raise `CheckpointMismatch` unless the tensors of ``saved`` (orbax metadata) under
     ``target``'s top-level keys are exactly ``target``'s, with the same shapes; ``where``
     names the checkpoint in the message. Other top-level keys (e.g. the optimizer state when
-    only params are wanted) are not read."""
+    only params are wanted) are not read, unless ``whole``: then they are extra tensors."""
     want = _shapes(target)
     tops = {name.split('/')[0] for name in want}
+    if whole:
+        tops |= {name.split('/')[0] for name in _shapes(saved)}
     have = {name: v for name, v in _shapes(saved).items() if name.split('/')[0] in tops}
     # parameters first: they name the model change, while optimizer moments only mirror them
     first = lambda names: sorted(names, key=lambda name: (not name.startswith('params'), name))
@@ -147,7 +149,7 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f'no checkpoint in {self.directory}')
         where = f'checkpoint {self.directory}/{step}'
-        check_fits(self._manager.item_metadata(step)['state'], target, where)
+        check_fits(self._manager.item_metadata(step)['state'], target, where, whole=True)
         restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                        data=ocp.args.JsonRestore()))
         return restored['state'], _from_json(_pick_data_state(restored['data']['processes'], where))

@@ -260,19 +260,59 @@ def to_uint8(images: jax.Array) -> jax.Array:
     return jnp.round((jnp.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
 
 
-def ema_update(ema: dict, z: jax.Array, codes: jax.Array, decay: float = 0.99, eps: float = 1e-5):
-    """EMA codebook (VQ-VAE-2): moving averages of per-code counts and vector sums.
+def ema_init(codebook: jax.Array) -> dict:
+    """The EMA state for ``codebook`` [K, D]: every code counts once, at its current vector.
 
-    ema: {'count': [K], 'sum': [K, D]}; z: Float[N, D] latents; codes: Int[N].
+    Starting from zeros sends an unused code to the origin (``0 / eps``), and a zero count under
+    a nonzero sum blows it up (``sum / eps``); starting from one
+    pseudo-member at the code's own vector keeps ``sum / count`` equal to the code until real
+    members arrive, which then take over at the EMA's rate (the pseudo-member's weight decays as
+    ``decay**t``). The sum is a copy, so it never aliases the parameter (the trainer donates both).
+    """
+    codebook = jnp.asarray(codebook, jnp.float32)
+    return {'count': jnp.ones(codebook.shape[:1], jnp.float32), 'sum': jnp.array(codebook, copy=True)}
+
+
+def code_sums(z: jax.Array, codes: jax.Array, num_codes: int, l2_normalize: bool = False) -> jax.Array:
+    """Per-code sums of the latents, ``onehot(codes).T @ z``: Float32[K, D].
+
+    z: [..., D] pre-quantization latents; codes: Int[...] their codes. With ``l2_normalize``
+    the latents are unit-normalised first, as `quantize` compares them. Summed by segment, not
+    by a one-hot matmul, so it stays exact f32 on every backend and never builds [N, K].
+    """
+    z = z.reshape(-1, z.shape[-1]).astype(jnp.float32)
+    if l2_normalize:
+        z = _normalize(z)
+    return jax.ops.segment_sum(z, codes.reshape(-1), num_segments=num_codes)
+
+
+def ema_step(ema: dict, counts: jax.Array, sums: jax.Array, decay: float = 0.99, eps: float = 1e-5):
+    """EMA codebook (VQ-VAE-2): one update of the moving per-code counts and vector sums.
+
+    ema: {'count': [K], 'sum': [K, D]}; counts: Float[K] and sums: Float[K, D] are one batch's
+    (`code_usage` counts, `code_sums`), so microbatches can add theirs up first.
     Returns (new ema, codebook [K, D]) with Laplace smoothing so unused codes stay finite.
     """
     k = ema['count'].shape[0]
-    onehot = jax.nn.one_hot(codes.reshape(-1), k, dtype=jnp.float32)
-    count = decay * ema['count'] + (1 - decay) * onehot.sum(0)
-    total = decay * ema['sum'] + (1 - decay) * onehot.T @ z.reshape(-1, z.shape[-1]).astype(jnp.float32)
+    count = decay * ema['count'] + (1 - decay) * counts.astype(jnp.float32)
+    total = decay * ema['sum'] + (1 - decay) * sums.astype(jnp.float32)
     n = count.sum()
     smoothed = (count + eps) / (n + k * eps) * n
     return {'count': count, 'sum': total}, total / smoothed[:, None]
+
+
+def ema_update(ema: dict, z: jax.Array, codes: jax.Array, decay: float = 0.99, eps: float = 1e-5):
+    """`ema_step` on a batch's latents z: Float[N, D] and their codes: Int[N]."""
+    k = ema['count'].shape[0]
+    return ema_step(ema, code_usage(codes, k)['counts'], code_sums(z, codes, k), decay, eps)
+
+
+def ema_reset(ema: dict, codebook: jax.Array, where: jax.Array) -> dict:
+    """`ema_init`'s entries for the codes marked in ``where`` (Bool[K]), e.g. just restarted onto
+    new vectors in ``codebook``; without it the next `ema_step` drags them back."""
+    fresh = ema_init(codebook)
+    return {'count': jnp.where(where, fresh['count'], ema['count']),
+            'sum': jnp.where(where[:, None], fresh['sum'], ema['sum'])}
 
 
 def restart_dead_codes(codebook: jax.Array, counts: jax.Array, z: jax.Array, rng: jax.Array,

@@ -4,7 +4,8 @@ The generator (encoder, quantizer, decoder) and the PatchGAN discriminator are o
 tree ``{'vq', 'disc'}`` with one optimizer and one loss: each player's term stops the gradient
 into the other's parameters, so the gradient of the sum is exactly (generator grads, discriminator
 grads). That keeps `cm3jax.train.step` (accumulation, NaN guard), `loop`, `checkpoint` and
-`metrics` unchanged. What is not a gradient step, the dead-code restart, wraps the step.
+`metrics` unchanged. What is not a gradient step, the EMA codebook and the dead-code restart,
+wraps the step.
 
 The trainer takes an iterator of {'images': uint8 [B, R, R, C]} batches; it never imports
 `cm3jax.data` (the command wires a source in).
@@ -41,14 +42,34 @@ def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
     return -10.0 * jnp.log10(jnp.maximum(mse, 1e-10))
 
 
-def make_loss_fn(model: vq.VQGAN, disc: losses.NLayerDiscriminator | None, loss_cfg, step: jax.Array):
-    """loss_fn(params {'vq', 'disc'}, {'images': uint8}, rng) -> (loss_sum, stats) for `make_train_step`."""
+def ema_settings(quantizer) -> tuple[float, float]:
+    """(``quantizer.ema_decay``, ``quantizer.ema_eps``), checked; decay 0 (the default) is off."""
+    decay, eps = float(quantizer.get('ema_decay', 0.0)), float(quantizer.get('ema_eps', 1e-5))
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f'quantizer.ema_decay={decay} must be in [0, 1): 0 turns the EMA codebook off, '
+                         f'values like 0.99 turn it on (the weight kept from the old average each step)')
+    if decay and not eps > 0.0:
+        raise ValueError(f'quantizer.ema_eps={eps} must be > 0 (the Laplace smoothing that keeps unused codes '
+                         f'finite)')
+    return decay, eps
+
+
+def make_loss_fn(model: vq.VQGAN, disc: losses.NLayerDiscriminator | None, loss_cfg, step: jax.Array,
+                 ema: bool = False):
+    """loss_fn(params {'vq', 'disc'}, {'images': uint8}, rng) -> (loss_sum, stats) for `make_train_step`.
+
+    With ``ema`` the codebook gets no gradient (the EMA moves it; the commitment loss still
+    trains the encoder) and stats carry 'code_sums', the batch's per-code latent sums."""
     lc = loss_cfg
 
     def loss_fn(params, batch, rng):
         x = batch['images'].astype(jnp.float32) / 127.5 - 1.0
         b = x.shape[0]
-        rec, codes, aux = model.apply({'params': params['vq']}, x)
+        vq_params = params['vq']
+        if ema:
+            frozen = jax.lax.stop_gradient(vq_params['quantize']['embedding'])
+            vq_params = {**vq_params, 'quantize': {**vq_params['quantize'], 'embedding': frozen}}
+        rec, codes, aux = model.apply({'params': vq_params}, x)
         rec_loss = losses.reconstruction_loss(x, rec, lc.reconstruction)
         quant_loss = aux['codebook_loss'] + aux['commitment_loss']
         total = rec_loss + lc.codebook_weight * quant_loss
@@ -75,6 +96,9 @@ def make_loss_fn(model: vq.VQGAN, disc: losses.NLayerDiscriminator | None, loss_
         stats = {k: (v * b, jnp.float32(b)) for k, v in stats.items()}
         stats['loss'] = (total * b, jnp.float32(b))
         stats['code_counts'] = (usage['counts'].astype(jnp.float32), jnp.float32(1.0))
+        if ema:  # from this forward pass: the latents the codes were chosen for
+            sums = vq.code_sums(aux['z'], codes, model.cfg.num_codes, model.cfg.l2_normalize)
+            stats['code_sums'] = (sums, jnp.float32(1.0))
         return total * b, stats
 
     return loss_fn
@@ -93,31 +117,56 @@ def _adaptive_weight(model, vq_params, disc, disc_params, x, kind):
                                                                                          with_last(k))), last)
 
 
-def make_step(model, disc, loss_cfg, optimizer, microbatches: int, restart_every: int, restart_min_count: float):
+def make_step(model, disc, loss_cfg, optimizer, microbatches: int, restart_every: int, restart_min_count: float,
+              ema_decay: float = 0.0, ema_eps: float = 1e-5):
     """``step(state, batch, rng) -> (state, metrics)``: `make_train_step` on the combined loss,
-    then code usage counting and, every ``restart_every`` steps, dead-code restart onto this
-    batch's latents. state: {'step', 'params', 'opt', 'usage': Float[K]}."""
-    def step(state, batch, rng):
-        inner = step_lib.make_train_step(make_loss_fn(model, disc, loss_cfg, state['step']), optimizer, microbatches)
-        new, metrics = inner({k: state[k] for k in STEP_KEYS}, batch, rng)
-        counts = metrics.pop('code_counts') * microbatches  # means() divided the summed counts by microbatches
-        usage = state['usage'] + counts
-        if not restart_every:
-            return {**new, 'usage': usage}, metrics
+    then code usage counting, with ``ema_decay`` > 0 the EMA codebook update (`vq.ema_step` on
+    the batch's code counts and latent sums), and, every ``restart_every`` steps, dead-code
+    restart onto this batch's latents. state: {'step', 'params', 'opt', 'usage': Float[K]},
+    plus 'ema': {'count': Float[K], 'sum': Float[K, D]} when the EMA is on."""
+    ema_on = bool(ema_decay)
 
-        def restart(params):
+    def with_codebook(params, codebook):
+        return {**params, 'vq': {**params['vq'], 'quantize': {**params['vq']['quantize'], 'embedding': codebook}}}
+
+    def step(state, batch, rng):
+        loss_fn = make_loss_fn(model, disc, loss_cfg, state['step'], ema=ema_on)
+        inner = step_lib.make_train_step(loss_fn, optimizer, microbatches)
+        new, metrics = inner({k: state[k] for k in STEP_KEYS}, batch, rng)
+        # means() divided the summed counts (and sums) by microbatches
+        counts = metrics.pop('code_counts') * microbatches
+        new['usage'] = state['usage'] + counts
+        if ema_on:
+            sums = metrics.pop('code_sums') * microbatches
+            ema, codebook = vq.ema_step(state['ema'], counts, sums, ema_decay, ema_eps)
+            ok = metrics['finite/loss'] & metrics['finite/grads']  # like the step: a bad batch changes nothing
+            old = state['params']['vq']['quantize']['embedding']
+            new['ema'] = jax.tree.map(lambda n, o: jnp.where(ok, n, o), ema, state['ema'])
+            new['params'] = with_codebook(new['params'], jnp.where(ok, codebook.astype(old.dtype), old))
+        if not restart_every:
+            return new, metrics
+
+        def restart(carry):
+            params, ema = carry
             x = batch['images'].astype(jnp.float32) / 127.5 - 1.0
             z = model.apply({'params': params['vq']}, x, method=vq.VQGAN.encode_latents)
-            codebook, n = vq.restart_dead_codes(params['vq']['quantize']['embedding'], usage,
-                                                z.reshape(-1, z.shape[-1]), jax.random.fold_in(rng, 1),
-                                                restart_min_count)
-            vq_params = {**params['vq'], 'quantize': {'embedding': codebook}}
-            return {**params, 'vq': vq_params}, n
+            z = z.reshape(-1, z.shape[-1])
+            if ema_on and model.cfg.l2_normalize:  # the EMA averages unit latents (see vq.code_sums)
+                z = vq._normalize(z)
+            codebook, n = vq.restart_dead_codes(params['vq']['quantize']['embedding'], new['usage'], z,
+                                                jax.random.fold_in(rng, 1), restart_min_count)
+            if ema_on:  # restarted codes (restart_dead_codes' rule) start their averages afresh there
+                ema = vq.ema_reset(ema, codebook, new['usage'] < restart_min_count)
+            return (with_codebook(params, codebook), ema), n
 
         due = (new['step'] % restart_every == 0) & (new['step'] > state['step'])
-        params, restarted = jax.lax.cond(due, restart, lambda p: (p, jnp.int32(0)), new['params'])
+        carry = (new['params'], new.get('ema'))
+        (params, ema), restarted = jax.lax.cond(due, restart, lambda c: (c, jnp.int32(0)), carry)
         metrics['codes/restarted'] = restarted
-        return {**new, 'params': params, 'usage': jnp.where(due, jnp.zeros_like(usage), usage)}, metrics
+        new.update(params=params, usage=jnp.where(due, jnp.zeros_like(new['usage']), new['usage']))
+        if ema_on:
+            new['ema'] = ema
+        return new, metrics
 
     return step
 
@@ -161,6 +210,7 @@ def _train(config, workdir, data, eval_batches, preemption) -> dict[str, float]:
     parallel.maybe_initialize_distributed()
     say = print if jax.process_index() == 0 else (lambda *a, **k: None)
     t, lc = config.train, config.loss
+    ema_decay, ema_eps = ema_settings(config.quantizer)
 
     # ---- Mesh: images split over the batch axes, parameters replicated (convnets are small) ----
     mesh = parallel.mesh_from_config(config.mesh)
@@ -190,12 +240,18 @@ def _train(config, workdir, data, eval_batches, preemption) -> dict[str, float]:
     replicated = NamedSharding(mesh, P())
     target = {**state_lib.abstract_state(init_fn, optimizer, mesh, rules, *args),
               'usage': jax.ShapeDtypeStruct((cfg.num_codes,), jnp.float32, sharding=replicated)}
+    if ema_decay:  # only then, so checkpoints without the EMA keep their layout
+        target['ema'] = {'count': jax.ShapeDtypeStruct((cfg.num_codes,), jnp.float32, sharding=replicated),
+                         'sum': jax.ShapeDtypeStruct((cfg.num_codes, cfg.embed_dim), jnp.float32,
+                                                     sharding=replicated)}
     ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', every_steps=t.checkpoint_every,
                                    every_seconds=60 * t.checkpoint_minutes, keep=t.keep, use_async=t.async_checkpoint)
     state = ckpt.resume(target, data)
     if state is None:
         state = state_lib.init_state(init_fn, optimizer, mesh, rules, *args)
         state['usage'] = jax.device_put(jnp.zeros(cfg.num_codes, jnp.float32), replicated)
+        if ema_decay:
+            state['ema'] = jax.device_put(vq.ema_init(state['params']['vq']['quantize']['embedding']), replicated)
     else:
         say(f'resumed from step {int(state["step"])} in {ckpt.directory}')
     disc_size = 'off' if disc is None else f'{parallel.num_params(state["params"]["disc"]):,} params'
@@ -204,7 +260,8 @@ def _train(config, workdir, data, eval_batches, preemption) -> dict[str, float]:
 
     # ---- Update step and hooks ----
     q = config.quantizer
-    step = make_step(model, disc, lc, optimizer, t.microbatches, q.restart_every, q.restart_min_count)
+    step = make_step(model, disc, lc, optimizer, t.microbatches, q.restart_every, q.restart_min_count,
+                     ema_decay, ema_eps)
     batch_sharding = parallel.logical_sharding(mesh, rules, ('act_batch',))
     train_step = step_lib.jit_train_step(step, state_lib.shardings_of(target), batch_sharding)
     global_batches = _Global(data, mesh, rules)
