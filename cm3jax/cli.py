@@ -4,6 +4,7 @@ Commands:
   train        train the language model in --workdir (resumes there; --init_from=DIR to fine-tune)
   train-tokenizer  train the VQ-GAN image tokenizer (--config=configs/vq.py:tiny) in --workdir
   prepare      documents -> token shards (--config=configs/data.py:shapes --config.out=DIR --config.vq_workdir=DIR)
+  sample       text -> images from a --workdir trained on prepared data (--prompt, --num, --cfg, --mode)
   quickstart   fit a few token sequences on the mesh, then regenerate them with the KV cache
   config       print the resolved, validated config
 """
@@ -24,6 +25,15 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string('workdir', None, 'train: directory for checkpoints, metrics and TensorBoard logs.')
 _INIT_FROM = flags.DEFINE_string('init_from', None, 'train: start from the params of the latest checkpoint in '
                                  'this workdir, with a fresh optimizer (fine-tuning).')
+_PROMPT = flags.DEFINE_multi_string('prompt', None, 'sample: a caption to draw (repeat for several).')
+_NUM = flags.DEFINE_integer('num', 4, 'sample: images per prompt.')
+_CFG = flags.DEFINE_float('cfg', 3.0, 'sample: classifier-free guidance scale (1 = off).')
+_MODE = flags.DEFINE_enum('mode', 'sample', ['sample', 'cdk', 'mixed'], 'sample: plain sampling, contrastive '
+                          'decoding (CD-K), or half of each.')
+_TEMPERATURE = flags.DEFINE_float('temperature', 1.0, 'sample: temperature (0 = greedy).')
+_TOP_P = flags.DEFINE_float('top_p', 0.9, 'sample: nucleus mass.')
+_SEED = flags.DEFINE_integer('seed', 0, 'sample: random seed.')
+_OUT = flags.DEFINE_string('out', None, 'sample: where samples.png and samples.json go (default WORKDIR/samples).')
 
 
 def _train(config) -> None:
@@ -65,6 +75,34 @@ def _prepare(config) -> None:
         raise app.UsageError(str(e)) from e
 
 
+def _sample(config) -> None:
+    del config  # the run's own config.json is read from --workdir
+    if not _WORKDIR.value or not _PROMPT.value:
+        raise app.UsageError('cm3jax sample needs --workdir=DIR (a `cm3jax train` run on prepared data) and '
+                             '--prompt="a red circle left of a blue square" (repeatable)')
+    import json
+    import flax.linen as nn
+    import jax
+    import numpy as np
+    from PIL import Image
+    from cm3jax.sample import decode, generate, load
+    gen, mesh, rules = load.load_generator(_WORKDIR.value)
+    sample = decode.SampleConfig(cfg_scale=_CFG.value, mode=_MODE.value, temperature=_TEMPERATURE.value,
+                                 top_p=_TOP_P.value)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        out = generate.text_to_image(gen, _PROMPT.value, num=_NUM.value, sample=sample,
+                                     rng=jax.random.key(_SEED.value))
+    where = pathlib.Path(_OUT.value or pathlib.Path(_WORKDIR.value) / 'samples')
+    where.mkdir(parents=True, exist_ok=True)
+    grid = np.concatenate([np.concatenate(list(row), axis=1) for row in out['images']], axis=0)
+    Image.fromarray(grid).save(where / 'samples.png')
+    (where / 'samples.json').write_text(json.dumps({
+        'prompts': _PROMPT.value, 'sample': vars(sample), 'codes': out['codes'].tolist(),
+        'scores': out['scores'].tolist() if 'scores' in out else None}, indent=1))
+    print(f'{len(_PROMPT.value)} prompt(s) x {_NUM.value} samples: {where}/samples.png (a row per prompt), '
+          f'{where}/samples.json')
+
+
 def _quickstart(config) -> None:
     from cm3jax import quickstart
     quickstart.run(config)
@@ -83,7 +121,8 @@ def _show_config(config) -> None:
     print(configuration.validate(config))
 
 
-COMMANDS = {'train': _train, 'train-tokenizer': _train_tokenizer, 'prepare': _prepare, 'quickstart': _quickstart,
+COMMANDS = {'train': _train, 'train-tokenizer': _train_tokenizer, 'prepare': _prepare, 'sample': _sample,
+            'quickstart': _quickstart,
             'config': _show_config}
 
 

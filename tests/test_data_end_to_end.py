@@ -2,10 +2,13 @@
 the captions) -> the grain pipeline -> 50 train steps of the tiny LM on the mesh: the loss falls."""
 
 import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 from cm3jax import pretrain
 from cm3jax.data import pipeline, prepare
@@ -72,3 +75,13 @@ def test_shapes_prepare_pipeline_and_fifty_train_steps(tmp_path):
     saved = ''.join(f.read_text() for f in (tmp_path / 'lm' / 'checkpoints' / '50' / 'data').rglob('*')
                     if f.is_file() and f.suffix != '.zarray')
     assert '"position"' in saved
+
+    # `cm3jax sample` finds the tokenizers through the run's data manifest and draws a grid
+    done = subprocess.run([sys.executable, '-m', 'cm3jax', 'sample', f'--workdir={tmp_path / "lm"}',
+                           '--prompt=a red circle', '--prompt=a blue square above a green triangle', '--num=3',
+                           '--cfg=2', '--mode=mixed'], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    grid = np.asarray(Image.open(tmp_path / 'lm' / 'samples' / 'samples.png'))
+    assert grid.shape == (2 * 32, 3 * 32, 3)
+    record = json.loads((tmp_path / 'lm' / 'samples' / 'samples.json').read_text())
+    assert np.array(record['codes']).shape == (2, 3, 8, 8) and record['sample']['mode'] == 'mixed'

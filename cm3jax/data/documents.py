@@ -95,12 +95,16 @@ def layout(segments: list[np.ndarray], is_image: list[bool], vocab, rng: np.rand
             segments, is_image = segments[::-1], is_image[::-1]
     if cfg.caption_dropout and any(is_image) and rng.random() < cfg.caption_dropout:
         segments = [s if img else np.array([vocab.mask], np.int32) for s, img in zip(segments, is_image)]
-    out = [segments[0]]
-    for prev, (seg, img) in zip(is_image, zip(segments[1:], is_image[1:])):
+    return np.concatenate([join(segments, is_image, vocab), [vocab.eos]]).astype(np.int32)
+
+
+def join(segments: list[np.ndarray], is_image: list[bool], vocab) -> np.ndarray:
+    """Segments in the given order with ``<break>`` at every switch of modality (no ``<eos>``)."""
+    out = [np.asarray(segments[0], np.int32)]
+    for prev, seg, img in zip(is_image, segments[1:], is_image[1:]):
         if img != prev:
             out.append(np.array([vocab.break_], np.int32))
-        out.append(seg)
-    out.append(np.array([vocab.eos], np.int32))
+        out.append(np.asarray(seg, np.int32))
     return np.concatenate(out).astype(np.int32)
 
 

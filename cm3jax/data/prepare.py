@@ -100,10 +100,11 @@ def _records(docs: list[documents.Document], encoder: ImageEncoder, vocab: Vocab
 
 
 def prepare(source: Iterable[documents.Document], out_dir: str | pathlib.Path, *, vocab: Vocab, text_tokenizer,
-            vq_params, vq_cfg: vq.VQConfig, cfg: PrepareConfig = PrepareConfig()) -> dict:
+            vq_params, vq_cfg: vq.VQConfig, cfg: PrepareConfig = PrepareConfig(), extra: dict | None = None) -> dict:
     """Write ``source``'s documents to ``out_dir/shard-NNNNN.array_record`` and return the
     manifest (also written to ``out_dir/manifest.json``). Resumes an interrupted run in the
-    same ``out_dir`` when the vocab and tokenizers are the same."""
+    same ``out_dir`` when the vocab and tokenizers are the same. ``extra`` adds entries to the
+    manifest (`run` records where the tokenizers live, for `cm3jax sample`)."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
     out_dir = pathlib.Path(out_dir)
@@ -149,7 +150,7 @@ def prepare(source: Iterable[documents.Document], out_dir: str | pathlib.Path, *
     stats = getattr(source, 'stats', None)
     manifest = {**identity, 'shards': done, 'documents': sum(s['documents'] for s in done),
                 'tokens': sum(s['tokens'] for s in done), 'image_tokens': sum(s['image_tokens'] for s in done),
-                'skipped': dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else None}
+                'skipped': dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else None, **(extra or {})}
     _write_json(out_dir / MANIFEST, manifest)
     report = stats.report() if hasattr(stats, 'report') else ''
     tqdm.write(f'prepared {manifest["documents"]} documents ({manifest["tokens"]:,} tokens) in {len(done)} shards '
@@ -224,4 +225,6 @@ def run(config) -> dict:
     tqdm.write(f'vocab: {vocab.size} ids ({tok.num_text} text, {vocab.num_image_codes} image codes, '
                f'{len(vocab.special_ids)} specials); set model.vocab_size={vocab.size} to train on it')
     return prepare(sources.make_source(config.source), out, vocab=vocab, text_tokenizer=tok, vq_params=vq_params,
-                   vq_cfg=vq_cfg, cfg=PrepareConfig(**config.prepare.to_dict()))
+                   vq_cfg=vq_cfg, cfg=PrepareConfig(**config.prepare.to_dict()),
+                   extra={'vq_workdir': str(pathlib.Path(config.vq_workdir).absolute()),
+                          'text_tokenizer_path': str(pathlib.Path(tc.path or saved).absolute())})

@@ -1,0 +1,189 @@
+"""Decoding: one prefill, then a `lax.while_loop` over a preallocated KV cache.
+
+Guidance streams are rows of one batch, stream-major: rows ``[s * B, (s + 1) * B)`` are
+stream ``s`` (0 = conditional, 1 = unconditional, 2 = image-only for three-stream editing).
+Each step runs one forward pass over all of them, combines the streams into one distribution
+per sample (`logits.cfg` / `logits.cfg3`), picks one token per sample and feeds it to every
+stream of that sample.
+
+Each sample row is a small state machine, so one batch may hold rows mid-text and mid-image:
+
+- text: image codes are masked out; a ``<break>`` opens an image span;
+- image: only image codes, exactly ``image_tokens`` of them; then the row stops
+  (``stop_after_image``) or a ``<break>`` is forced and the row is back in text;
+- done: after ``<eos>`` (or one of ``stop_tokens``, e.g. ``<eoss>`` closing a CM3 infill), an
+  image with ``stop_after_image``, or ``max_new`` tokens.
+
+The loop exits early when every row is done. Prompts may be left- or right-padded (segment
+id 0 on padding): positions restart at each row's first real token, and the first new token
+follows each row's last real one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cm3jax.model import transformer
+from cm3jax.sample import logits as lp
+from cm3jax.vocab import Vocab
+
+MODES = ('sample', 'cdk', 'mixed')
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+    """How one token is chosen from the guided distribution.
+
+    temperature (0 = greedy), top_k (0 = off), top_p (1 = off): applied in that order.
+    cfg_scale: text guidance (with 2 or 3 streams); image_cfg_scale: the image-only stream's
+      scale (3 streams). mode: 'sample' | 'cdk' | 'mixed' (the first ``cdk_fraction`` of the
+      samples use CD-K, the rest plain sampling: the paper's best setting before re-ranking).
+    cdk_k, cdk_alpha: V_head = {t : p_exp(t) >= alpha * k-th largest p_exp}; the expert is the
+      guided distribution, the amateur the unconditional stream.
+    """
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    cfg_scale: float = 1.0
+    image_cfg_scale: float = 1.0
+    mode: str = 'sample'
+    cdk_k: int = 8
+    cdk_alpha: float = 0.5
+    cdk_fraction: float = 0.5
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f'sample mode {self.mode!r}; choose from {MODES}')
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(f'need temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got {self.temperature}, '
+                             f'{self.top_p}, {self.top_k}')
+        if self.cdk_k < 1 or not 0 < self.cdk_alpha <= 1 or not 0 <= self.cdk_fraction <= 1:
+            raise ValueError(f'need cdk_k >= 1, 0 < cdk_alpha <= 1, 0 <= cdk_fraction <= 1; got {self.cdk_k}, '
+                             f'{self.cdk_alpha}, {self.cdk_fraction}')
+
+
+def initial_image_state(prompts: np.ndarray, segment_ids: np.ndarray, vocab: Vocab,
+                        image_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """(remaining Int32[B], pending_break Bool[B]) for the conditional prompts [B, T]: how many
+    image codes the row still owes when the prompt ends inside an image span (or right after
+    a text ``<break>``), and whether a finished image must be closed by a ``<break>``."""
+    remaining, pending = np.zeros(len(prompts), np.int32), np.zeros(len(prompts), bool)
+    for b, (row, seg) in enumerate(zip(prompts, segment_ids)):
+        row = row[seg > 0]
+        breaks = np.flatnonzero(row == vocab.break_)
+        if not len(breaks):
+            continue
+        after = row[breaks[-1] + 1:]
+        if len(after) and not np.all(vocab.is_image(after)):
+            continue  # text after the last <break>
+        before = row[breaks[-1] - 1] if breaks[-1] > 0 else vocab.bos
+        if not len(after) and vocab.is_image(before):
+            continue  # an image was just closed: text follows
+        if len(after) > image_tokens:
+            raise ValueError(f'prompt row {b} ends in an image span of {len(after)} codes, more than the '
+                             f'{image_tokens} an image has')
+        remaining[b] = image_tokens - len(after)
+        pending[b] = remaining[b] == 0
+    return remaining, pending
+
+
+def decode(model: transformer.Transformer, params, prompts: jax.Array, segment_ids: jax.Array, rng: jax.Array, *,
+           vocab: Vocab, image_tokens: int, max_new: int, sample: SampleConfig, remaining: jax.Array,
+           pending_break: jax.Array, stop_after_image: bool = False,
+           stop_tokens: tuple[int, ...] = ()) -> dict[str, jax.Array]:
+    """Generate up to ``max_new`` tokens per sample.
+
+    prompts, segment_ids: Int32[S * B, T], S guidance streams stream-major (module docstring);
+    remaining, pending_break: [B] from `initial_image_state` of the conditional rows.
+    Returns {'tokens': Int32[B, max_new] (``<pad>`` after a row is done), 'lengths': Int32[B],
+    'done': Bool[B]}. Jit it (see `make_decoder`); it is pure.
+    """
+    rows, t = prompts.shape
+    b = remaining.shape[0]
+    streams = rows // b
+    if streams * b != rows or streams not in (1, 2, 3):
+        raise ValueError(f'{rows} prompt rows for {b} samples: give 1, 2 or 3 guidance streams of {b} rows each')
+    if sample.mode != 'sample' and streams < 2:
+        raise ValueError(f"sample mode {sample.mode!r} needs the unconditional stream as CD-K's amateur")
+    slots = t + max_new
+    cache = transformer.init_cache(model.cfg, rows, slots)
+    cache = {k: nn.with_logical_constraint(v, transformer.CACHE_AXES[k]) for k, v in cache.items()}
+    logits, cache = transformer.prefill(model, params, cache, prompts, segment_ids)
+    last_real = t - 1 - jnp.argmax((segment_ids > 0)[:, ::-1], axis=1)
+    last = jnp.take_along_axis(logits, last_real[:, None, None], axis=1)[:, 0]
+
+    v = logits.shape[-1]
+    pad_to = lambda m: jnp.zeros(v, bool).at[:m.shape[0]].set(jnp.asarray(m[:v]))
+    image_ok = pad_to(vocab.allowed('image'))
+    text_ok = pad_to(vocab.allowed('text', 'special') & ~np.isin(np.arange(vocab.padded_size),
+                                                                 [vocab.pad, vocab.bos]))
+    break_ok = jnp.zeros(v, bool).at[vocab.break_].set(True)
+    cdk_rows = jnp.arange(b) < {'sample': 0, 'cdk': b, 'mixed': round(sample.cdk_fraction * b)}[sample.mode]
+
+    def choose(last, remaining, pending, key):
+        s = last.reshape(streams, b, v)
+        if streams == 1:
+            guided = lp.log_probs(s[0])
+        elif streams == 2:
+            guided = lp.cfg(s[0], s[1], sample.cfg_scale)
+        else:
+            guided = lp.cfg3(s[0], s[2], s[1], sample.cfg_scale, sample.image_cfg_scale)
+        allowed = jnp.where(pending[:, None], break_ok, jnp.where((remaining > 0)[:, None], image_ok, text_ok))
+        plain_key, cdk_key = jax.random.split(key)
+        guided = lp.mask(guided, allowed)
+        token = lp.sample(plain_key, guided, sample.temperature, sample.top_k, sample.top_p)
+        if sample.mode != 'sample':  # V_head is taken among the allowed ids, so it is never empty
+            contrast = lp.cdk(guided, s[1], sample.cdk_k, sample.cdk_alpha)
+            token = jnp.where(cdk_rows, lp.sample(cdk_key, contrast, sample.temperature, 0, sample.top_p), token)
+        return token
+
+    def body(carry):
+        i, cache, last, out, done, remaining, pending, lengths, key = carry
+        key, step_key = jax.random.split(key)
+        token = jnp.where(done, vocab.pad, choose(last, remaining, pending, step_key))
+        out = out.at[:, i].set(token)
+        lengths = lengths + (~done)
+        in_image = remaining > 0
+        opens_image = (token == vocab.break_) & ~pending  # a forced <break> closes an image instead
+        remaining = jnp.where(done, remaining, jnp.where(in_image, remaining - 1,
+                                                         jnp.where(opens_image, image_tokens, 0)))
+        finished_image = in_image & (remaining == 0)
+        pending = jnp.where(done, pending, finished_image & (not stop_after_image))
+        done = done | jnp.isin(token, jnp.array((vocab.eos, *stop_tokens))) | (finished_image & stop_after_image)
+        last, cache = transformer.decode_step(model, params, cache, jnp.tile(token, streams))
+        return i + 1, cache, last, out, done, remaining, pending, lengths, key
+
+    def more(carry):
+        return (carry[0] < max_new) & ~carry[4].all()
+
+    out = jnp.full((b, max_new), vocab.pad, jnp.int32)
+    carry = (jnp.int32(0), cache, last, out, jnp.zeros(b, bool), remaining.astype(jnp.int32),
+             pending_break.astype(bool), jnp.zeros(b, jnp.int32), rng)
+    _, _, _, out, done, _, _, lengths, _ = jax.lax.while_loop(more, body, carry)
+    return {'tokens': out, 'lengths': lengths, 'done': done}
+
+
+def check_lengths(model_cfg: transformer.TransformerConfig, prompt_len: int, max_new: int) -> None:
+    """A clear error before anything compiles when prompt + generation exceed the context."""
+    if max_new < 1:
+        raise ValueError(f'max_new={max_new}: ask for at least one new token')
+    if prompt_len + max_new > model_cfg.max_len:
+        raise ValueError(f'a prompt of {prompt_len} tokens plus {max_new} new ones exceeds the model\'s context '
+                         f'of {model_cfg.max_len} (model.max_len): shorten the prompt or lower max_new')
+
+
+def make_decoder(model: transformer.Transformer, *, vocab: Vocab, image_tokens: int, max_new: int,
+                 sample: SampleConfig, stop_after_image: bool = False, stop_tokens: tuple[int, ...] = ()):
+    """``jax.jit`` of `decode` with everything static bound: ``fn(params, prompts, segment_ids,
+    rng, remaining, pending_break)``. Call it under ``jax.set_mesh(mesh)`` and the model's
+    logical axis rules with sharded params to decode on a mesh (rows on the batch axes)."""
+    fn = functools.partial(decode, model, vocab=vocab, image_tokens=image_tokens, max_new=max_new, sample=sample,
+                           stop_after_image=stop_after_image, stop_tokens=tuple(stop_tokens))
+    return jax.jit(lambda params, prompts, segment_ids, rng, remaining, pending: fn(
+        params, prompts, segment_ids, rng, remaining=remaining, pending_break=pending))

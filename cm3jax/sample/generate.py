@@ -1,0 +1,181 @@
+"""Text-to-image, image-to-text and interleaved continuation on top of `decode` (PAPER.md 1, 5).
+
+    t2i prompt (conditional):   [retrieved docs, each ... <eos>] caption <break>   -> H*W codes
+    t2i prompt (unconditional): [retrieved docs]                 <mask>  <break>   -> CFG's stream
+    i2t, CM3 infill form:       <mask:0> <break> [image] <mask:0>                  -> caption <eoss>
+    i2t, continuation form:     [image] <break>                                    -> caption <eos>
+
+A `Generator` holds what every call needs (model, params, vocab, text tokenizer, VQ tokenizer);
+each function builds host-side prompts, left-pads them into one batch, runs one jitted
+`decode` and turns ids back into images and text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cm3jax.data import documents
+from cm3jax.model import transformer
+from cm3jax.sample import decode as dec
+from cm3jax.vocab import Vocab
+from cm3jax.vq import model as vq
+
+# (images uint8 [N, R, R, C], prompt) -> Float[N] scores, higher is better (e.g. CLIP score)
+ScoreFn = Callable[[np.ndarray, str], np.ndarray]
+
+
+@dataclasses.dataclass
+class Generator:
+    model: transformer.Transformer
+    params: Any
+    vocab: Vocab
+    text_tokenizer: Any
+    vq_params: Any
+    vq_cfg: vq.VQConfig
+
+    @property
+    def image_tokens(self) -> int:
+        return self.vq_cfg.latent_resolution ** 2
+
+    def text(self, s: str) -> np.ndarray:
+        return self.text_tokenizer.encode_joint(s, self.vocab)
+
+
+def left_pad(rows: Sequence[np.ndarray], pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged Int rows -> (tokens, segment_ids) Int32[N, T], left-padded (segment id 0 on padding)."""
+    t = max(len(r) for r in rows)
+    tokens, segs = np.full((len(rows), t), pad, np.int32), np.zeros((len(rows), t), np.int32)
+    for i, r in enumerate(rows):
+        if len(r):
+            tokens[i, t - len(r):], segs[i, t - len(r):] = r, 1
+    return tokens, segs
+
+
+def batch_multiple() -> int:
+    """How many ways the current mesh (``jax.set_mesh``) splits the batch under the current
+    logical rules; 1 outside a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    axes = dict(nn.get_logical_axis_rules()).get('act_batch') or ()
+    return int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
+
+
+def _run(gen: Generator, streams: list[list[np.ndarray]], sample: dec.SampleConfig, rng, max_new: int,
+         stop_after_image: bool = False, stop_tokens: tuple[int, ...] = ()) -> dict[str, np.ndarray]:
+    """streams: per guidance stream, one prompt per sample (same count in each). The samples
+    are padded with copies to a multiple of the mesh's batch split and the copies dropped."""
+    n = len(streams[0])
+    extra = -n % batch_multiple()
+    streams = [list(s) + [s[-1]] * extra for s in streams]
+    tokens, segs = left_pad([r for stream in streams for r in stream], gen.vocab.pad)
+    dec.check_lengths(gen.model.cfg, tokens.shape[1], max_new)
+    b = len(streams[0])
+    remaining, pending = dec.initial_image_state(tokens[:b], segs[:b], gen.vocab, gen.image_tokens)
+    fn = dec.make_decoder(gen.model, vocab=gen.vocab, image_tokens=gen.image_tokens, max_new=max_new, sample=sample,
+                          stop_after_image=stop_after_image, stop_tokens=stop_tokens)
+    out = jax.device_get(fn(gen.params, jnp.asarray(tokens), jnp.asarray(segs), rng, jnp.asarray(remaining),
+                            jnp.asarray(pending)))
+    return {k: v[:n] for k, v in out.items()}
+
+
+def _check_num(num: int) -> None:
+    if num < 1:
+        raise ValueError(f'num={num}: ask for at least one sample per prompt')
+
+
+def _guided(sample: dec.SampleConfig) -> bool:
+    return sample.cfg_scale != 1.0 or sample.mode != 'sample'
+
+
+def text_to_image(gen: Generator, prompts: Sequence[str], *, num: int = 1, sample: dec.SampleConfig = dec.SampleConfig(),
+                  rng: jax.Array | None = None, retrieved: Sequence[Sequence[np.ndarray]] | None = None,
+                  score_fn: ScoreFn | None = None) -> dict[str, np.ndarray]:
+    """``num`` images per prompt -> {'images': uint8 [P, num, R, R, C], 'codes': [P, num, h, w],
+    'scores': [P, num] (when ``score_fn``; samples sorted best first)}.
+
+    retrieved: per prompt, laid-out token documents (each ending in ``<eos>``) put before both
+    streams' prompts (retrieval augmentation at inference). A ``sample.mode`` of 'mixed' splits
+    each prompt's samples between CD-K and plain sampling before re-ranking.
+    """
+    _check_num(num)
+    if not prompts:
+        raise ValueError('text_to_image needs at least one prompt')
+    v = gen.vocab
+    ctx = [np.concatenate([np.zeros(0, np.int32), *(retrieved[i] if retrieved else [])]) for i in range(len(prompts))]
+    cond = [np.concatenate([c, gen.text(p), [v.break_]]).astype(np.int32) for c, p in zip(ctx, prompts)]
+    uncond = [np.concatenate([c, [v.mask, v.break_]]).astype(np.int32) for c in ctx]
+    # samples of one prompt are spread over the batch so that 'mixed' gives each prompt both strategies
+    order = [(n, p) for n in range(num) for p in range(len(prompts))]
+    streams = [[cond[p] for n, p in order]] + ([[uncond[p] for n, p in order]] if _guided(sample) else [])
+    out = _run(gen, streams, sample, rng if rng is not None else jax.random.key(0), gen.image_tokens,
+               stop_after_image=True)
+    r = gen.vq_cfg.latent_resolution
+    codes = np.asarray(v.image_codes(out['tokens'][:, :gen.image_tokens])).reshape(num, len(prompts), r, r)
+    codes = codes.transpose(1, 0, 2, 3)  # [P, num, r, r]
+    images = np.asarray(vq.decode(gen.vq_params, jnp.asarray(codes.reshape(-1, r, r)), gen.vq_cfg))
+    images = images.reshape(len(prompts), num, *images.shape[1:])
+    result = {'images': images, 'codes': codes}
+    if score_fn is not None:
+        scores = np.stack([np.asarray(score_fn(images[i], p), np.float32) for i, p in enumerate(prompts)])
+        best = np.argsort(-scores, axis=1, kind='stable')
+        take = lambda x: np.take_along_axis(x, best.reshape(best.shape + (1,) * (x.ndim - 2)), axis=1)
+        result = {'images': take(images), 'codes': take(codes), 'scores': np.take_along_axis(scores, best, 1)}
+    return result
+
+
+def image_to_text(gen: Generator, images: np.ndarray, *, form: str = 'infill', max_new: int = 32,
+                  sample: dec.SampleConfig = dec.SampleConfig(temperature=0.0),
+                  rng: jax.Array | None = None) -> list[str]:
+    """Captions for uint8 images [B, R, R, C]: the CM3 infill form ``<mask:0> <break> [image]
+    <mask:0>`` (ends at ``<eoss>``) or the continuation form ``[image] <break>`` (ends at ``<eos>``)."""
+    if form not in ('infill', 'continue'):
+        raise ValueError(f"image_to_text form={form!r}; choose 'infill' or 'continue'")
+    v = gen.vocab
+    codes = np.asarray(vq.encode(gen.vq_params, images, gen.vq_cfg)).reshape(len(images), -1)
+    ids = np.asarray(v.image_ids(codes), np.int32)
+    s0 = v.sentinel(0)
+    prompts = [np.concatenate([[s0, v.break_], row, [s0]] if form == 'infill' else [row, [v.break_]]).astype(np.int32)
+               for row in ids]
+    if _guided(sample):
+        raise ValueError('image_to_text decodes one stream: use cfg_scale=1 and mode="sample"')
+    out = _run(gen, [prompts], sample, rng if rng is not None else jax.random.key(0), max_new, stop_tokens=(v.eoss,))
+    return [gen.text_tokenizer.decode_joint(row[:n][v.is_text(row[:n])], v) for row, n in zip(out['tokens'],
+                                                                                          out['lengths'])]
+
+
+def continue_document(gen: Generator, segments: Sequence[documents.Segment], *, max_new: int,
+                      sample: dec.SampleConfig = dec.SampleConfig(), rng: jax.Array | None = None) -> list:
+    """An interleaved continuation: the document so far (text and uint8 images) -> its next
+    segments, decoded (str, or uint8 images), until ``<eos>`` or ``max_new`` tokens."""
+    v = gen.vocab
+    ids, is_image = [], []
+    for s in segments:
+        if isinstance(s, str):
+            ids.append(gen.text(s))
+        else:
+            ids.append(np.asarray(v.image_ids(np.asarray(vq.encode(gen.vq_params, np.asarray(s)[None],
+                                                                    gen.vq_cfg)).reshape(-1)), np.int32))
+        is_image.append(not isinstance(s, str))
+    if not ids:
+        raise ValueError('continue_document needs at least one segment to continue')
+    prompt = documents.join(ids, is_image, v)
+    out = _run(gen, [[prompt]], sample, rng if rng is not None else jax.random.key(0), max_new)
+    row = out['tokens'][0, :out['lengths'][0]]
+    parts, r = [], gen.vq_cfg.latent_resolution
+    for piece in np.split(row, np.flatnonzero(row == v.break_)):
+        piece = piece[(piece != v.break_) & (piece != v.eos)]
+        if not len(piece):
+            continue
+        if v.is_image(piece).all() and len(piece) == r * r:
+            parts.append(np.asarray(vq.decode(gen.vq_params, jnp.asarray(v.image_codes(piece)).reshape(1, r, r),
+                                              gen.vq_cfg))[0])
+        else:
+            parts.append(gen.text_tokenizer.decode_joint(piece[v.is_text(piece)], v))
+    return parts

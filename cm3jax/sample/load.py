@@ -1,0 +1,53 @@
+"""A `Generator` from a `cm3jax train` workdir trained on prepared data: the LM's config and
+latest params, the vocab and text tokenizer its data was prepared with, and that data's image
+tokenizer (all found through ``config.json`` and the data's ``manifest.json``)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import optax
+from ml_collections import ConfigDict
+
+from cm3jax import configuration, parallel, text_tokenizer
+from cm3jax.data import prepare
+from cm3jax.model import transformer
+from cm3jax.sample.generate import Generator
+from cm3jax.train import checkpoint, state as state_lib
+from cm3jax.vocab import Vocab
+from cm3jax.vq import load as vq_load
+
+
+def load_generator(workdir: str | pathlib.Path, mesh: jax.sharding.Mesh | None = None,
+                   step: int | None = None) -> tuple[Generator, jax.sharding.Mesh, parallel.Rules]:
+    """(generator, mesh, rules) for the LM in ``workdir``; params are laid out on ``mesh``
+    (default: every device on the batch axes). Decode under ``jax.set_mesh(mesh)`` and
+    ``nn.logical_axis_rules(rules)``."""
+    workdir = pathlib.Path(workdir)
+    path = workdir / 'config.json'
+    if not path.exists():
+        raise FileNotFoundError(f'{path} is missing: point --workdir at a `cm3jax train` run')
+    config = ConfigDict(json.loads(path.read_text()))
+    if config.data.source != 'prepared':
+        raise ValueError(f'{workdir} trained on data.source={config.data.source!r}; sampling images needs a run on '
+                         f'prepared multimodal data (data.source="prepared")')
+    manifest = prepare.read_manifest(config.data.dir)
+    for key in ('vq_workdir', 'text_tokenizer_path'):
+        if key not in manifest:
+            raise ValueError(f'{config.data.dir}/manifest.json does not say where its tokenizers are ({key}); '
+                             f'it was not written by `cm3jax prepare`')
+    vocab = Vocab.from_dict(manifest['vocab'])
+    tok = text_tokenizer.TextTokenizer.load(manifest['text_tokenizer_path'])
+    vq_params, vq_cfg = vq_load.load_tokenizer(manifest['vq_workdir'])
+
+    mesh = mesh or parallel.create_mesh((1, -1, 1))
+    rules = parallel.rules_from_config(config)
+    model = transformer.Transformer(configuration.transformer_config(config, mesh, rules))
+    init_fn = lambda rng, x: model.init(rng, x)['params']
+    example = jnp.zeros((parallel.axis_size(mesh, rules, 'act_batch'), 8), jnp.int32)
+    target = state_lib.abstract_state(init_fn, optax.identity(), mesh, rules, jax.random.key(0), example)['params']
+    params = checkpoint.restore_params(workdir, target, step)
+    return Generator(model, params, vocab, tok, vq_params, vq_cfg), mesh, rules

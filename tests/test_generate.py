@@ -1,0 +1,69 @@
+"""text_to_image / image_to_text / continue_document on a tiny random model and tokenizers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cm3jax import text_tokenizer
+from cm3jax.sample import decode as dec, generate
+from cm3jax.vocab import Vocab
+from cm3jax.vq import model as vq
+from tests.helpers import build, tiny_config
+
+VQ = vq.VQConfig(resolution=8, ch=32, ch_mult=(1, 2), z_channels=8, embed_dim=4, num_codes=16)  # 4x4 codes
+
+
+@pytest.fixture(scope='module')
+def gen():
+    tok = text_tokenizer.train_bpe(['a red circle left of a blue square'] * 10, vocab_size=270)
+    vocab = Vocab.build(tok.num_text, VQ.num_codes, num_sentinels=4)
+    model, params, *_ = build(tiny_config(vocab_size=vocab.size))
+    params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(3), x.shape, x.dtype), params)
+    vq_params = vq.VQGAN(VQ).init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))['params']
+    return generate.Generator(model, params, vocab, tok, vq_params, VQ)
+
+
+def test_text_to_image_with_guidance_mixed_strategies_and_reranking(gen):
+    calls = []
+
+    def score(images, prompt):  # a stand-in for CLIP: brighter is better
+        calls.append(prompt)
+        return images.reshape(len(images), -1).mean(-1)
+
+    sample = dec.SampleConfig(cfg_scale=3.0, top_p=0.9, mode='mixed', cdk_fraction=0.5)
+    out = generate.text_to_image(gen, ['a red circle', 'a blue square left of a red circle'], num=3, sample=sample,
+                                 rng=jax.random.key(5), score_fn=score)
+    assert out['images'].shape == (2, 3, 8, 8, 3) and out['images'].dtype == np.uint8
+    assert out['codes'].shape == (2, 3, 4, 4) and (out['codes'] >= 0).all() and (out['codes'] < 16).all()
+    assert calls == ['a red circle', 'a blue square left of a red circle']
+    assert (np.diff(out['scores'], axis=1) <= 0).all()  # best first
+    # the images are the VQ decoding of the codes
+    again = np.asarray(vq.decode(gen.vq_params, jnp.asarray(out['codes'][0]), VQ))
+    np.testing.assert_array_equal(again, out['images'][0])
+    # retrieved documents go before both streams' prompts
+    doc = np.concatenate([gen.text('a red circle'), [gen.vocab.break_], gen.vocab.image_ids(np.arange(16)),
+                          [gen.vocab.eos]]).astype(np.int32)
+    with_doc = generate.text_to_image(gen, ['a red circle'], num=2, sample=sample, retrieved=[[doc]])
+    assert with_doc['images'].shape == (1, 2, 8, 8, 3)
+
+
+def test_image_to_text_and_interleaved_continuation(gen):
+    images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), np.uint8)
+    for form in ('infill', 'continue'):
+        captions = generate.image_to_text(gen, images, form=form, max_new=8)
+        assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
+    parts = generate.continue_document(gen, ['a red circle', images[0]], max_new=20,
+                                       sample=dec.SampleConfig(temperature=1.0))
+    assert all(isinstance(p, str) or (p.shape == (8, 8, 3) and p.dtype == np.uint8) for p in parts)
+
+
+def test_bad_requests_are_refused(gen):
+    with pytest.raises(ValueError, match='num=0: ask for at least one sample'):
+        generate.text_to_image(gen, ['a red circle'], num=0)
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        generate.text_to_image(gen, ['a red circle ' * 40], num=1)
+    with pytest.raises(ValueError, match='images of shape'):
+        generate.image_to_text(gen, np.zeros((1, 16, 16, 3), np.uint8))
+    with pytest.raises(ValueError, match="form='caption'"):
+        generate.image_to_text(gen, np.zeros((1, 8, 8, 3), np.uint8), form='caption')
