@@ -186,6 +186,24 @@ def test_three_streams_reduce_to_two():
     np.testing.assert_array_equal(two['tokens'], three['tokens'])
 
 
+def test_cdk_with_a_second_smaller_model_as_amateur():
+    model, params, *_ = model_and_params()
+    small, small_params, *_ = build(tiny_config(vocab_size=VOCAB.size, num_layers=1))
+    tokens, segs = guided_prompts()
+    cond, cond_segs = tokens[:2], segs[:2]
+    remaining, pending = dec.initial_image_state(cond, cond_segs, VOCAB, HW)
+    args = (jnp.asarray(cond), jnp.asarray(cond_segs), jax.random.key(4), jnp.asarray(remaining), jnp.asarray(pending))
+    # k = 1, alpha = 1: V_head is the expert's argmax alone, whatever the amateur says
+    fn = dec.make_decoder(model, vocab=VOCAB, image_tokens=HW, max_new=10, amateur=small,
+                          sample=dec.SampleConfig(mode='cdk', cdk_k=1, cdk_alpha=1.0))
+    greedy = dec.make_decoder(model, vocab=VOCAB, image_tokens=HW, max_new=10, sample=dec.SampleConfig(temperature=0))
+    np.testing.assert_array_equal(jax.device_get(fn(params, *args, amateur_params=small_params))['tokens'],
+                                  jax.device_get(greedy(params, *args))['tokens'])
+    with pytest.raises(ValueError, match='needs an amateur'):
+        dec.make_decoder(model, vocab=VOCAB, image_tokens=HW, max_new=4,
+                         sample=dec.SampleConfig(mode='cdk'))(params, *args)
+
+
 def test_sharded_sampling_equals_one_device():
     tokens, segs = guided_prompts()
     sample = dec.SampleConfig(cfg_scale=2.0, top_p=0.9, mode='mixed')

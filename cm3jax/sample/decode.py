@@ -45,7 +45,7 @@ class SampleConfig:
       scale (3 streams). mode: 'sample' | 'cdk' | 'mixed' (the first ``cdk_fraction`` of the
       samples use CD-K, the rest plain sampling: the paper's best setting before re-ranking).
     cdk_k, cdk_alpha: V_head = {t : p_exp(t) >= alpha * k-th largest p_exp}; the expert is the
-      guided distribution, the amateur the unconditional stream.
+      guided distribution, the amateur the unconditional stream (or a second model, `decode`).
     """
     temperature: float = 1.0
     top_k: int = 0
@@ -96,11 +96,14 @@ def initial_image_state(prompts: np.ndarray, segment_ids: np.ndarray, vocab: Voc
 def decode(model: transformer.Transformer, params, prompts: jax.Array, segment_ids: jax.Array, rng: jax.Array, *,
            vocab: Vocab, image_tokens: int, max_new: int, sample: SampleConfig, remaining: jax.Array,
            pending_break: jax.Array, stop_after_image: bool = False,
-           stop_tokens: tuple[int, ...] = ()) -> dict[str, jax.Array]:
+           stop_tokens: tuple[int, ...] = (), amateur: transformer.Transformer | None = None,
+           amateur_params=None) -> dict[str, jax.Array]:
     """Generate up to ``max_new`` tokens per sample.
 
     prompts, segment_ids: Int32[S * B, T], S guidance streams stream-major (module docstring);
     remaining, pending_break: [B] from `initial_image_state` of the conditional rows.
+    amateur, amateur_params: a second (smaller) model sharing the vocab, run on the conditional
+    prompts alongside, as CD-K's amateur in place of the unconditional stream.
     Returns {'tokens': Int32[B, max_new] (``<pad>`` after a row is done), 'lengths': Int32[B],
     'done': Bool[B]}. Jit it (see `make_decoder`); it is pure.
     """
@@ -109,14 +112,20 @@ def decode(model: transformer.Transformer, params, prompts: jax.Array, segment_i
     streams = rows // b
     if streams * b != rows or streams not in (1, 2, 3):
         raise ValueError(f'{rows} prompt rows for {b} samples: give 1, 2 or 3 guidance streams of {b} rows each')
-    if sample.mode != 'sample' and streams < 2:
-        raise ValueError(f"sample mode {sample.mode!r} needs the unconditional stream as CD-K's amateur")
+    if sample.mode != 'sample' and streams < 2 and amateur is None:
+        raise ValueError(f"sample mode {sample.mode!r} needs an amateur: the unconditional stream or a second model")
     slots = t + max_new
     cache = transformer.init_cache(model.cfg, rows, slots)
     cache = {k: nn.with_logical_constraint(v, transformer.CACHE_AXES[k]) for k, v in cache.items()}
     logits, cache = transformer.prefill(model, params, cache, prompts, segment_ids)
     last_real = t - 1 - jnp.argmax((segment_ids > 0)[:, ::-1], axis=1)
     last = jnp.take_along_axis(logits, last_real[:, None, None], axis=1)[:, 0]
+    small_cache, small_last = None, None
+    if amateur is not None:
+        small_cache = transformer.init_cache(amateur.cfg, b, slots)
+        small_logits, small_cache = transformer.prefill(amateur, amateur_params, small_cache, prompts[:b],
+                                                        segment_ids[:b])
+        small_last = jnp.take_along_axis(small_logits, last_real[:b, None, None], axis=1)[:, 0]
 
     v = logits.shape[-1]
     pad_to = lambda m: jnp.zeros(v, bool).at[:m.shape[0]].set(jnp.asarray(m[:v]))
@@ -126,7 +135,7 @@ def decode(model: transformer.Transformer, params, prompts: jax.Array, segment_i
     break_ok = jnp.zeros(v, bool).at[vocab.break_].set(True)
     cdk_rows = jnp.arange(b) < {'sample': 0, 'cdk': b, 'mixed': round(sample.cdk_fraction * b)}[sample.mode]
 
-    def choose(last, remaining, pending, key):
+    def choose(last, small_last, remaining, pending, key):
         s = last.reshape(streams, b, v)
         if streams == 1:
             guided = lp.log_probs(s[0])
@@ -139,14 +148,15 @@ def decode(model: transformer.Transformer, params, prompts: jax.Array, segment_i
         guided = lp.mask(guided, allowed)
         token = lp.sample(plain_key, guided, sample.temperature, sample.top_k, sample.top_p)
         if sample.mode != 'sample':  # V_head is taken among the allowed ids, so it is never empty
-            contrast = lp.cdk(guided, s[1], sample.cdk_k, sample.cdk_alpha)
+            weak = s[1] if small_last is None else small_last[:, :v]
+            contrast = lp.cdk(guided, weak, sample.cdk_k, sample.cdk_alpha)
             token = jnp.where(cdk_rows, lp.sample(cdk_key, contrast, sample.temperature, 0, sample.top_p), token)
         return token
 
     def body(carry):
-        i, cache, last, out, done, remaining, pending, lengths, key = carry
+        i, cache, last, small_cache, small_last, out, done, remaining, pending, lengths, key = carry
         key, step_key = jax.random.split(key)
-        token = jnp.where(done, vocab.pad, choose(last, remaining, pending, step_key))
+        token = jnp.where(done, vocab.pad, choose(last, small_last, remaining, pending, step_key))
         out = out.at[:, i].set(token)
         lengths = lengths + (~done)
         in_image = remaining > 0
@@ -157,15 +167,17 @@ def decode(model: transformer.Transformer, params, prompts: jax.Array, segment_i
         pending = jnp.where(done, pending, finished_image & (not stop_after_image))
         done = done | jnp.isin(token, jnp.array((vocab.eos, *stop_tokens))) | (finished_image & stop_after_image)
         last, cache = transformer.decode_step(model, params, cache, jnp.tile(token, streams))
-        return i + 1, cache, last, out, done, remaining, pending, lengths, key
+        if amateur is not None:
+            small_last, small_cache = transformer.decode_step(amateur, amateur_params, small_cache, token)
+        return i + 1, cache, last, small_cache, small_last, out, done, remaining, pending, lengths, key
 
     def more(carry):
-        return (carry[0] < max_new) & ~carry[4].all()
+        return (carry[0] < max_new) & ~carry[6].all()
 
     out = jnp.full((b, max_new), vocab.pad, jnp.int32)
-    carry = (jnp.int32(0), cache, last, out, jnp.zeros(b, bool), remaining.astype(jnp.int32),
-             pending_break.astype(bool), jnp.zeros(b, jnp.int32), rng)
-    _, _, _, out, done, _, _, lengths, _ = jax.lax.while_loop(more, body, carry)
+    carry = (jnp.int32(0), cache, last, small_cache, small_last, out, jnp.zeros(b, bool),
+             remaining.astype(jnp.int32), pending_break.astype(bool), jnp.zeros(b, jnp.int32), rng)
+    _, _, _, _, _, out, done, _, _, lengths, _ = jax.lax.while_loop(more, body, carry)
     return {'tokens': out, 'lengths': lengths, 'done': done}
 
 
@@ -179,11 +191,14 @@ def check_lengths(model_cfg: transformer.TransformerConfig, prompt_len: int, max
 
 
 def make_decoder(model: transformer.Transformer, *, vocab: Vocab, image_tokens: int, max_new: int,
-                 sample: SampleConfig, stop_after_image: bool = False, stop_tokens: tuple[int, ...] = ()):
+                 sample: SampleConfig, stop_after_image: bool = False, stop_tokens: tuple[int, ...] = (),
+                 amateur: transformer.Transformer | None = None):
     """``jax.jit`` of `decode` with everything static bound: ``fn(params, prompts, segment_ids,
-    rng, remaining, pending_break)``. Call it under ``jax.set_mesh(mesh)`` and the model's
-    logical axis rules with sharded params to decode on a mesh (rows on the batch axes)."""
+    rng, remaining, pending_break, amateur_params=None)``. Call it under ``jax.set_mesh(mesh)``
+    and the model's logical axis rules with sharded params to decode on a mesh (rows on the
+    batch axes)."""
     fn = functools.partial(decode, model, vocab=vocab, image_tokens=image_tokens, max_new=max_new, sample=sample,
-                           stop_after_image=stop_after_image, stop_tokens=tuple(stop_tokens))
-    return jax.jit(lambda params, prompts, segment_ids, rng, remaining, pending: fn(
-        params, prompts, segment_ids, rng, remaining=remaining, pending_break=pending))
+                           stop_after_image=stop_after_image, stop_tokens=tuple(stop_tokens), amateur=amateur)
+    return jax.jit(lambda params, prompts, segment_ids, rng, remaining, pending, amateur_params=None: fn(
+        params, prompts, segment_ids, rng, remaining=remaining, pending_break=pending,
+        amateur_params=amateur_params))
