@@ -139,6 +139,9 @@ def make_data(config, mesh, rules) -> Data:
     if vocab.size > config.model.vocab_size:
         raise configuration.ConfigError(f'{d.dir} was prepared for a vocab of {vocab.size} ids but model.vocab_size '
                                         f'is {config.model.vocab_size}: set --config.model.vocab_size={vocab.size}')
+    if d.cm3_max_spans > len(vocab.sentinels):
+        raise configuration.ConfigError(f'data.cm3_max_spans={d.cm3_max_spans} exceeds the {len(vocab.sentinels)} '
+                                        f'sentinels of {d.dir}\'s vocab: lower it (or prepare with more)')
     where = dict(process_index=jax.process_index(), process_count=jax.process_count())
     local = pipeline.Pipeline(d.dir, vocab, pipeline_config(config, config.seed), **where)
 

@@ -3,8 +3,8 @@
 A `Vocab` is frozen and says where everything lives; it holds no tokenizer. Two layouts:
 
 - `Vocab.build` (CM3leon style, the default): specials first, then the BPE's text ids, then the
-  image codes. ``Vocab.build(num_text=56_320 - 22, num_image_codes=8192)``-like sizes give the
-  paper's vocabulary; the tiny configs use a few hundred text ids.
+  image codes. ``Vocab.build(num_text=56_320 - 14, num_image_codes=8192)`` gives 56,320 ids
+  before the image codes (6 specials, 8 sentinels); the tiny configs use a few hundred text ids.
 - `Vocab.chameleon`: Chameleon's 65,536 ids, image codes at 4..8195 inside the BPE's range.
 
 Token groups (text / image / special) are predicates on id arrays that work on numpy and jax

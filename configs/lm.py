@@ -112,7 +112,7 @@ def get_config(arg: str = 'tiny') -> ConfigDict:
         'source': 'synthetic', 'tasks': 'copy,reverse,sort,add', 'min_len': 2, 'max_len': 8,
         'dir': '', 'eval_dir': '',
         'text_first': 0.5,        # caption-then-image (text-to-image) order, else image first
-        'caption_dropout': 0.0,   # text -> <mask> (CFG's unconditional stream also works without it)
+        'caption_dropout': 0.0,   # text -> <mask>; CFG's default unconditional prompt <mask:0> needs none
         'cm3_rate': 1.0,          # spans ~ Poisson(rate), clamped to [min, max] (0 = plain causal)
         'cm3_min_spans': 0,
         'cm3_max_spans': 8,       # at most the vocab's sentinels (cm3jax prepare: vocab.num_sentinels)

@@ -106,6 +106,9 @@ def test_layout_orders_breaks_and_caption_dropout():
     assert abs(np.mean(orders) - 0.5) < 0.05
     with pytest.raises(ValueError, match='caption_dropout'):
         documents.LayoutConfig(caption_dropout=1.5)
+    # a <break> wherever an image starts or ends, also between two images; text runs join as they are
+    joined = documents.join([text, image, image, text, text], [False, True, True, False, False], VOCAB)
+    assert joined.tolist() == [*text, VOCAB.break_, *image, VOCAB.break_, *image, VOCAB.break_, *text, *text]
 
 
 def test_records_round_trip_and_corruption_is_detected():

@@ -148,6 +148,9 @@ def test_mismatches_are_refused(prepared, tmp_path):
     with pytest.raises(ValueError, match='16 codes but vocab.num_image_codes is 32'):
         prepare.prepare(make_docs(2), tmp_path, vocab=Vocab.build(tok.num_text, 32), text_tokenizer=tok,
                         vq_params=params, vq_cfg=VQ)
+    empty = prepare.prepare([documents.Document([]), *make_docs(2)], tmp_path / 'e', vocab=vocab, text_tokenizer=tok,
+                            vq_params=params, vq_cfg=VQ, cfg=prepare.PrepareConfig(progress=False))
+    assert empty['documents'] == 2 and empty['empty_documents_dropped'] == 1
     big = [documents.Document(['a red circle', np.zeros((16, 16, 3), np.uint8)])]
     with pytest.raises(ValueError, match='resize'):
         prepare.prepare(big, tmp_path / 'x', vocab=vocab, text_tokenizer=tok, vq_params=params, vq_cfg=VQ)

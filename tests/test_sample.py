@@ -107,12 +107,26 @@ def test_cdk_never_selects_outside_the_head(seed, k, alpha, temp, top_p):
     assert head[np.arange(8), np.asarray(tokens)].all()
 
 
+def test_where_a_prompt_leaves_the_image_state_machine():
+    t, img = VOCAB.text_ranges[0][0] + np.arange(3), VOCAB.image_offset + np.arange(HW)
+    cases = {  # prompt -> (image codes still owed, a <break> due)
+        'text': (t, 0, False), 'text <break>': (np.r_[t, VOCAB.break_], HW, False),
+        'image': (img, 0, True), 'part of an image': (img[:2], HW - 2, False),
+        'text <break> part': (np.r_[t, VOCAB.break_, img[:2]], HW - 2, False),
+        'image <break>': (np.r_[img, VOCAB.break_], 0, False), 'image <break> text': (np.r_[img, VOCAB.break_, t], 0, False)}
+    for name, (row, owed, due) in cases.items():
+        remaining, pending = dec.initial_image_state(row[None], np.ones((1, len(row)), np.int32), VOCAB, HW)
+        assert (remaining[0], pending[0]) == (owed, due), name
+
+
 def test_top_k_and_top_p_truncate():
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
     assert np.isfinite(np.asarray(lp.top_k(logits, 2))).sum() == 2
     assert np.isfinite(np.asarray(lp.top_p(logits, 0.7))).sum() == 2   # 0.5 + 0.3 reaches 0.7
     assert np.isfinite(np.asarray(lp.top_p(logits, 0.5))).sum() == 1
     assert np.isfinite(np.asarray(lp.top_p(logits, 1.0))).sum() == 4
+    wide = jax.random.normal(jax.random.key(0), (2, 65_536)) * 3  # float32 cumsum reaches 1 early here
+    assert np.isfinite(np.asarray(lp.top_p(wide, 1.0))).all()
 
 
 def guided_prompts():

@@ -1,6 +1,6 @@
 """The CM3 causal-masked objective (PAPER.md section 2), as a pure numpy function of (tokens, rng).
 
-    x0 <mask:0> x2 <break> img ... <eos>
+    x0 x1 x2 <break> img ... <eos>
   ->  x0 <mask:0> x2 <break> img ... <mask:0> x1 <eoss> <eos>
 
 n ~ Poisson(rate) spans, clamped to [min_spans, max_spans], each a uniform non-empty run of

@@ -82,8 +82,8 @@ def layout(segments: list[np.ndarray], is_image: list[bool], vocab, rng: np.rand
            cfg: LayoutConfig = LayoutConfig()) -> np.ndarray:
     """Joint-vocab segments -> Int32[T] tokens ``seg <break> seg ... <eos>``.
 
-    A ``<break>`` goes between segments of different modality (only there: two text segments
-    in a row are joined as they are). rng draws the order and the caption dropout.
+    A ``<break>`` goes wherever an image starts or ends (two text segments in a row are joined
+    as they are). rng draws the order and the caption dropout.
     """
     if len(segments) != len(is_image) or not segments:
         raise ValueError(f'layout needs one is_image flag per segment and at least one segment; got '
@@ -99,10 +99,11 @@ def layout(segments: list[np.ndarray], is_image: list[bool], vocab, rng: np.rand
 
 
 def join(segments: list[np.ndarray], is_image: list[bool], vocab) -> np.ndarray:
-    """Segments in the given order with ``<break>`` at every switch of modality (no ``<eos>``)."""
+    """Segments in the given order with ``<break>`` wherever an image starts or ends, also
+    between two images (no ``<eos>``)."""
     out = [np.asarray(segments[0], np.int32)]
     for prev, seg, img in zip(is_image, segments[1:], is_image[1:]):
-        if img != prev:
+        if img or prev:
             out.append(np.array([vocab.break_], np.int32))
         out.append(np.asarray(seg, np.int32))
     return np.concatenate(out).astype(np.int32)
@@ -126,6 +127,8 @@ def decode_record(record: bytes) -> tuple[list[np.ndarray], list[bool], dict]:
         header = json.loads(head)
         ids = np.frombuffer(body, '<i4').astype(np.int32)
         lengths = header['lengths']
+        if not lengths:
+            raise ValueError('no segments')
         if sum(lengths) != ids.size or len(header['image']) != len(lengths):
             raise ValueError(f'{ids.size} ids for segment lengths {lengths}')
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:

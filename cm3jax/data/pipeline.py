@@ -76,6 +76,7 @@ class Pipeline:
         self._examples = ds.repeat(None).map_with_index(self._example)
         self.position = 0                   # index of the next example
         self.counts = {'skipped': 0, 'truncated': 0}
+        self._held = None                   # (position, example) that did not fit the last row
 
     # ---- One example ----
 
@@ -83,10 +84,10 @@ class Pipeline:
         rng = np.random.default_rng([self.cfg.seed, self.process_index, index])
         try:
             segments, is_image, header = documents.decode_record(record)
+            tokens = documents.layout(segments, is_image, self.vocab, rng, self.cfg.layout)
         except ValueError as e:
             log.warning('skipping example %d: %s', index, e)
             return None
-        tokens = documents.layout(segments, is_image, self.vocab, rng, self.cfg.layout)
         if self.augment is not None:
             retrieved = self.augment(header, segments, is_image, rng)
             tokens = np.concatenate([*retrieved, tokens]).astype(np.int32)
@@ -103,19 +104,29 @@ class Pipeline:
         tokens = np.full(n, self.vocab.pad, np.int32)
         weights, segments, positions = np.zeros(n, np.float32), np.zeros(n, np.int32), np.zeros(n, np.int32)
         used = segment = 0
+        corrupt_run = 0
         while True:
-            ex = self._examples[self.position]
+            if self._held is not None and self._held[0] == self.position:
+                ex = self._held[1]
+            else:
+                ex = self._examples[self.position]
             if ex is None:
                 self.counts['skipped'] += 1
                 self.position += 1
+                corrupt_run += 1
+                if corrupt_run > self.num_documents:
+                    raise ValueError(f'every record in {self.data_dir} (this process\'s {len(self.shards)} shards) '
+                                     f'is corrupt: prepare the data again')
                 continue
             t, w = ex
             if len(t) > n:
                 if used:  # a long example starts its own row
+                    self._held = (self.position, ex)
                     break
                 self.counts['truncated'] += 1
                 t, w = t[:n], w[:n]
             if used + len(t) > n:
+                self._held = (self.position, ex)  # the next row starts with it: build it once
                 break
             segment += 1
             tokens[used:used + len(t)], weights[used:used + len(t)] = t, w
@@ -143,6 +154,7 @@ class Pipeline:
     def set_state(self, state: dict) -> None:
         self.position = int(state['position'])
         self.counts = {k: int(state.get(k, 0)) for k in self.counts}
+        self._held = None
 
     def report(self) -> str:
         return (f'{self.position} examples read from {len(self.shards)} shards ({self.num_documents} documents); '

@@ -85,7 +85,9 @@ def _records(docs: list[documents.Document], encoder: ImageEncoder, vocab: Vocab
         want = (encoder.cfg.resolution, encoder.cfg.resolution, encoder.cfg.in_channels)
         if shapes != {want}:
             raise ValueError(f'the source gives images of shapes {sorted(shapes)} but the VQ tokenizer takes '
-                             f'{want}: set the source\'s resize option (e.g. data.source.resize={want[0]})')
+                             f'{want}: make the source draw {want[0]} px images (--config.source.cfg.canvas for '
+                             f'shapes, --config.source.size for digits, --config.source.resize for folders, tars '
+                             f'and TFDS) or use a tokenizer trained at that resolution')
     codes = iter(encoder(np.stack(images)) if images else [])
     out = []
     for d in docs:
@@ -117,7 +119,7 @@ def prepare(source: Iterable[documents.Document], out_dir: str | pathlib.Path, *
                 'image_shape': [vq_cfg.latent_resolution] * 2, 'shard_size': cfg.shard_size}
     progress = _load_progress(out_dir, identity)
     done = progress['shards']
-    consumed = sum(s['documents'] for s in done)
+    consumed = sum(s.get('read', s['documents']) for s in done)
     if done:
         log.info('resuming: %d shards (%d documents) already written in %s', len(done), consumed, out_dir)
     encoder = ImageEncoder(vq_params, vq_cfg, cfg.batch)
@@ -131,7 +133,8 @@ def prepare(source: Iterable[documents.Document], out_dir: str | pathlib.Path, *
         docs = list(itertools.islice(stream, cfg.shard_size))
         if not docs:
             break
-        records = _records(docs, encoder, vocab, text_tokenizer)
+        kept = [d for d in docs if d.segments]  # an empty document has nothing to learn from
+        records = _records(kept, encoder, vocab, text_tokenizer)
         name = f'shard-{len(done):05d}.array_record'
         tmp = out_dir / (name + '.tmp')
         writer = ArrayRecordWriter(str(tmp), 'group_size:1')
@@ -143,14 +146,17 @@ def prepare(source: Iterable[documents.Document], out_dir: str | pathlib.Path, *
             image_tokens += sum(len(s) for s, i in zip(segments, is_image) if i)
         writer.close()
         os.replace(tmp, out_dir / name)
-        done.append({'path': name, 'documents': len(records), 'tokens': tokens, 'image_tokens': image_tokens})
+        done.append({'path': name, 'documents': len(records), 'read': len(docs), 'tokens': tokens,
+                     'image_tokens': image_tokens})
         _write_json(out_dir / PROGRESS, progress)
         bar.update(len(docs))
     bar.close()
     stats = getattr(source, 'stats', None)
     manifest = {**identity, 'shards': done, 'documents': sum(s['documents'] for s in done),
                 'tokens': sum(s['tokens'] for s in done), 'image_tokens': sum(s['image_tokens'] for s in done),
-                'skipped': dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else None, **(extra or {})}
+                'skipped': dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else None,
+                'empty_documents_dropped': sum(s.get('read', s['documents']) - s['documents'] for s in done),
+                **(extra or {})}
     _write_json(out_dir / MANIFEST, manifest)
     report = stats.report() if hasattr(stats, 'report') else ''
     tqdm.write(f'prepared {manifest["documents"]} documents ({manifest["tokens"]:,} tokens) in {len(done)} shards '

@@ -71,25 +71,22 @@ class SampleConfig:
 def initial_image_state(prompts: np.ndarray, segment_ids: np.ndarray, vocab: Vocab,
                         image_tokens: int) -> tuple[np.ndarray, np.ndarray]:
     """(remaining Int32[B], pending_break Bool[B]) for the conditional prompts [B, T]: how many
-    image codes the row still owes when the prompt ends inside an image span (or right after
-    a text ``<break>``), and whether a finished image must be closed by a ``<break>``."""
+    image codes the row still owes when the prompt ends inside an image (or right after a
+    text ``<break>``), and whether a finished image must be closed by a ``<break>``."""
     remaining, pending = np.zeros(len(prompts), np.int32), np.zeros(len(prompts), bool)
     for b, (row, seg) in enumerate(zip(prompts, segment_ids)):
         row = row[seg > 0]
-        breaks = np.flatnonzero(row == vocab.break_)
-        if not len(breaks):
-            continue
-        after = row[breaks[-1] + 1:]
-        if len(after) and not np.all(vocab.is_image(after)):
-            continue  # text after the last <break>
-        before = row[breaks[-1] - 1] if breaks[-1] > 0 else vocab.bos
-        if not len(after) and vocab.is_image(before):
-            continue  # an image was just closed: text follows
-        if len(after) > image_tokens:
-            raise ValueError(f'prompt row {b} ends in an image span of {len(after)} codes, more than the '
+        image = np.asarray(vocab.is_image(row), bool)
+        other = np.flatnonzero(~image)
+        codes = len(row) - (other[-1] + 1 if len(other) else 0)  # trailing image codes
+        if codes > image_tokens:
+            raise ValueError(f'prompt row {b} ends in an image span of {codes} codes, more than the '
                              f'{image_tokens} an image has')
-        remaining[b] = image_tokens - len(after)
-        pending[b] = remaining[b] == 0
+        if codes:
+            remaining[b] = image_tokens - codes
+        elif len(row) and row[-1] == vocab.break_ and not (len(row) > 1 and image[-2]):
+            remaining[b] = image_tokens  # text, then <break>: an image is due
+        pending[b] = codes > 0 and remaining[b] == 0
     return remaining, pending
 
 
@@ -104,8 +101,9 @@ def decode(model: transformer.Transformer, params, prompts: jax.Array, segment_i
     remaining, pending_break: [B] from `initial_image_state` of the conditional rows.
     amateur, amateur_params: a second (smaller) model sharing the vocab, run on the conditional
     prompts alongside, as CD-K's amateur in place of the unconditional stream.
-    Returns {'tokens': Int32[B, max_new] (``<pad>`` after a row is done), 'lengths': Int32[B],
-    'done': Bool[B]}. Jit it (see `make_decoder`); it is pure.
+    Returns {'tokens': Int32[B, max_new] (``<pad>`` after a row is done), 'lengths': Int32[B]
+    (tokens generated, the stop token included), 'done': Bool[B] (False for rows cut by
+    ``max_new``)}. Jit it (see `make_decoder`); it is pure.
     """
     rows, t = prompts.shape
     b = remaining.shape[0]

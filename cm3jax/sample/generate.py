@@ -1,7 +1,7 @@
 """Text-to-image, image-to-text and interleaved continuation on top of `decode` (PAPER.md 1, 5).
 
     t2i prompt (conditional):   [retrieved docs, each ... <eos>] caption <break>   -> H*W codes
-    t2i prompt (unconditional): [retrieved docs]                 <mask>  <break>   -> CFG's stream
+    t2i prompt (unconditional): [retrieved docs]               <mask:0>  <break>   -> CFG's stream
     i2t, CM3 infill form:       <mask:0> <break> [image] <mask:0>                  -> caption <eoss>
     i2t, continuation form:     [image] <break>                                    -> caption <eos>
 
@@ -96,12 +96,15 @@ def _guided(sample: dec.SampleConfig) -> bool:
 
 def text_to_image(gen: Generator, prompts: Sequence[str], *, num: int = 1, sample: dec.SampleConfig = dec.SampleConfig(),
                   rng: jax.Array | None = None, retrieved: Sequence[Sequence[np.ndarray]] | None = None,
-                  score_fn: ScoreFn | None = None) -> dict[str, np.ndarray]:
+                  score_fn: ScoreFn | None = None, uncond_token: int | None = None) -> dict[str, np.ndarray]:
     """``num`` images per prompt -> {'images': uint8 [P, num, R, R, C], 'codes': [P, num, h, w],
     'scores': [P, num] (when ``score_fn``; samples sorted best first)}.
 
     retrieved: per prompt, laid-out token documents (each ending in ``<eos>``) put before both
-    streams' prompts (retrieval augmentation at inference). A ``sample.mode`` of 'mixed' splits
+    streams' prompts (retrieval augmentation at inference). uncond_token: what replaces the
+    caption in the unconditional stream; default ``<mask:0>``, which CM3 training shows in
+    exactly that place whenever a whole caption is masked (``<mask>`` only if the model was
+    trained with ``data.caption_dropout``). A ``sample.mode`` of 'mixed' splits
     each prompt's samples between CD-K and plain sampling before re-ranking.
     """
     _check_num(num)
@@ -110,7 +113,8 @@ def text_to_image(gen: Generator, prompts: Sequence[str], *, num: int = 1, sampl
     v = gen.vocab
     ctx = [np.concatenate([np.zeros(0, np.int32), *(retrieved[i] if retrieved else [])]) for i in range(len(prompts))]
     cond = [np.concatenate([c, gen.text(p), [v.break_]]).astype(np.int32) for c, p in zip(ctx, prompts)]
-    uncond = [np.concatenate([c, [v.mask, v.break_]]).astype(np.int32) for c in ctx]
+    blank = v.sentinel(0) if uncond_token is None else uncond_token
+    uncond = [np.concatenate([c, [blank, v.break_]]).astype(np.int32) for c in ctx]
     # samples of one prompt are spread over the batch so that 'mixed' gives each prompt both strategies
     order = [(n, p) for n in range(num) for p in range(len(prompts))]
     streams = [[cond[p] for n, p in order]] + ([[uncond[p] for n, p in order]] if _guided(sample) else [])
@@ -137,14 +141,16 @@ def image_to_text(gen: Generator, images: np.ndarray, *, form: str = 'infill', m
     <mask:0>`` (ends at ``<eoss>``) or the continuation form ``[image] <break>`` (ends at ``<eos>``)."""
     if form not in ('infill', 'continue'):
         raise ValueError(f"image_to_text form={form!r}; choose 'infill' or 'continue'")
+    if _guided(sample):
+        raise ValueError('image_to_text decodes one stream: use cfg_scale=1 and mode="sample"')
+    if not len(images):
+        raise ValueError('image_to_text needs at least one image')
     v = gen.vocab
     codes = np.asarray(vq.encode(gen.vq_params, images, gen.vq_cfg)).reshape(len(images), -1)
     ids = np.asarray(v.image_ids(codes), np.int32)
     s0 = v.sentinel(0)
     prompts = [np.concatenate([[s0, v.break_], row, [s0]] if form == 'infill' else [row, [v.break_]]).astype(np.int32)
                for row in ids]
-    if _guided(sample):
-        raise ValueError('image_to_text decodes one stream: use cfg_scale=1 and mode="sample"')
     out = _run(gen, [prompts], sample, rng if rng is not None else jax.random.key(0), max_new, stop_tokens=(v.eoss,))
     return [gen.text_tokenizer.decode_joint(row[:n][v.is_text(row[:n])], v) for row, n in zip(out['tokens'],
                                                                                           out['lengths'])]

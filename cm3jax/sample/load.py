@@ -42,6 +42,11 @@ def load_generator(workdir: str | pathlib.Path, mesh: jax.sharding.Mesh | None =
     vocab = Vocab.from_dict(manifest['vocab'])
     tok = text_tokenizer.TextTokenizer.load(manifest['text_tokenizer_path'])
     vq_params, vq_cfg = vq_load.load_tokenizer(manifest['vq_workdir'])
+    for name, have, want in (('text tokenizer', tok.fingerprint(), manifest['text_tokenizer']),
+                             ('image tokenizer', prepare.params_fingerprint(vq_params), manifest['image_tokenizer'])):
+        if have != want:  # e.g. the VQ kept training after `prepare`: its codes mean something else now
+            raise ValueError(f'the {name} found through {config.data.dir}/manifest.json is not the one the data '
+                             f'was prepared with (fingerprint {have} vs {want}); restore that version')
 
     mesh = mesh or parallel.create_mesh((1, -1, 1))
     rules = parallel.rules_from_config(config)

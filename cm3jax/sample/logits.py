@@ -34,7 +34,10 @@ def top_k(logits: jax.Array, k: int) -> jax.Array:
 
 def top_p(logits: jax.Array, p: float | jax.Array) -> jax.Array:
     """Nucleus: keep the smallest set of ids, largest first, whose probability reaches p (the
-    top id always stays); p = 1 keeps all."""
+    top id always stays); p >= 1 keeps all (statically: a float32 cumulative sum reaches 1
+    before the tail of a large vocab does)."""
+    if isinstance(p, (int, float)) and p >= 1:
+        return logits
     sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
     probs = jax.nn.softmax(sorted_logits.astype(jnp.float32), axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # mass of the ids ranked above each one
