@@ -22,7 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from cm3jax import configuration, parallel, pretrain, text_tokenizer  # noqa: E402
 from cm3jax.data import pipeline, prepare, sources  # noqa: E402

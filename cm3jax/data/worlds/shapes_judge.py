@@ -188,7 +188,7 @@ def score(image: np.ndarray, caption: str, cfg: ShapesConfig = DEFAULT, strict: 
         return {'parsed': 0.0, 'attr': 0.0, 'relation': nan, 'count': nan, 'extra': nan, 'exact': 0.0}
     dets = parse(image, cfg)[:MAX_DETECTIONS]
     m = len(spec.objects)
-    best, best_assign = (-1, False), None
+    best = (-1, False)
     for assign in set(itertools.permutations(list(range(len(dets))) + [None] * m, m)):
         hits = sum(a is not None and _matches(o, dets[a]) for o, a in zip(spec.objects, assign))
         rel_ok = False
@@ -197,7 +197,7 @@ def score(image: np.ndarray, caption: str, cfg: ShapesConfig = DEFAULT, strict: 
             if assign[i] is not None and assign[j] is not None:
                 rel_ok = _holds(rel, dets[assign[i]], dets[assign[j]])
         if (hits, rel_ok) > best:
-            best, best_assign = (hits, rel_ok), assign
+            best = (hits, rel_ok)
     attr = best[0] / m
     relation = nan if spec.relation is None else float(best[1])
     count = nan if spec.count is None else float(len(dets) == spec.count)
