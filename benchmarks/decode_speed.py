@@ -96,8 +96,10 @@ def prompts(vocab: Vocab, batch: int, length: int) -> np.ndarray:
 
 def torch_decoder(hf, vocab: Vocab, sample: dec.SampleConfig):
     """``run(tokens [2B, T], new) -> Int64[B, new]``: the decode loop a transformers user writes
-    for CFG (``generate`` has no way to tie two rows into one guided sample)."""
-    image_ok = torch.from_numpy(vocab.allowed('image')[:vocab.size])
+    for CFG (``generate`` has no way to tie two rows into one guided sample), on the model's
+    device."""
+    device = next(hf.parameters()).device
+    image_ok = torch.from_numpy(vocab.allowed('image')[:vocab.size]).to(device)
     # transformers 5 renamed past_key_values to cache (the old name is deprecated)
     cache_arg = 'cache' if 'cache' in inspect.signature(hf.model.forward).parameters else 'past_key_values'
 
@@ -117,17 +119,17 @@ def torch_decoder(hf, vocab: Vocab, sample: dec.SampleConfig):
         return torch.multinomial(guided.softmax(-1), 1, generator=generator)[:, 0]
 
     def run(tokens: np.ndarray, new: int) -> np.ndarray:
-        generator = torch.Generator().manual_seed(0)
+        generator = torch.Generator(device).manual_seed(0)
         out = []
         with torch.inference_mode():
-            step = hf.model(input_ids=torch.from_numpy(tokens).long(), use_cache=True)
+            step = hf.model(input_ids=torch.from_numpy(tokens).long().to(device), use_cache=True)
             for i in range(new):
                 token = choose(hf.lm_head(step.last_hidden_state[:, -1]), generator)
                 out.append(token)
                 if i + 1 < new:
                     step = hf.model(input_ids=token.repeat(2)[:, None], use_cache=True,
                                     **{cache_arg: getattr(step, cache_arg)})
-        return torch.stack(out, 1).numpy()
+        return torch.stack(out, 1).cpu().numpy()  # waits for the device
 
     return run
 
@@ -201,9 +203,12 @@ def main():
     load_start = os.getloadavg()[0]
     cores = len(os.sched_getaffinity(0))
     torch.set_num_threads(cores)
+    # on a GPU machine both sides run on the GPU; on CPU both on the CPU
+    torch_device = 'cuda' if jax.default_backend() == 'gpu' and torch.cuda.is_available() else 'cpu'
     vocab = Vocab.build(num_text=args.text_ids, num_image_codes=args.image_codes)
     hf = hf_model(vocab, args)
     model, params = cm3jax_model(hf)
+    hf = hf.to(torch_device)
     lm_params = sum(p.numel() for n, p in hf.named_parameters() if not n.startswith('model.vqmodel.'))
     tokens = prompts(vocab, args.batch, args.prompt)
     segments = np.ones_like(tokens)
@@ -258,12 +263,13 @@ def main():
         'ratio_vs_transformers': round(theirs_s / ours_s, 2), 'ratio_vs_no_cache': round(no_cache_s / ours_s, 2),
         'same_tokens': same_rows, 'same_token_positions': round(same_positions, 4), 'check_tokens': args.check,
         'baseline': f'transformers {transformers.__version__} ChameleonModel + lm_head, KV cache, torch loop '
-                    f'(torch {torch.__version__}, {torch.get_num_threads()} threads)',
+                    f'(torch {torch.__version__} on {torch_device}, {torch.get_num_threads()} threads)',
         'params': lm_params, 'layers': args.layers, 'd_model': args.d_model, 'heads': args.heads,
         'kv_heads': args.kv_heads, 'mlp_dim': args.mlp_dim, 'vocab': vocab.size, 'batch': args.batch,
         'rows': 2 * args.batch, 'prompt': args.prompt, 'new': args.new, 'cfg_scale': args.cfg_scale,
         'temperature': args.temperature, 'top_p': args.top_p, 'repeats': args.repeats, 'cores': cores,
-        'load_avg_1m': [round(load_start, 2), round(os.getloadavg()[0], 2)], 'device': jax.devices()[0].device_kind}))
+        'load_avg_1m': [round(load_start, 2), round(os.getloadavg()[0], 2)], 'device': jax.devices()[0].device_kind,
+        'jax': jax.__version__}))
 
 
 if __name__ == '__main__':

@@ -100,15 +100,16 @@ def generate(model, params, tokens, prompt_len: int, total_len: int):
     new = total_len - prompt_len
 
     def decode(params, prompt):
-        cache = transformer.init_cache(model.cfg, prompt.shape[0], total_len)
-        logits, cache = transformer.prefill(model, params, cache, prompt)
+        decoder, params = transformer.unrolled(model, params)  # once, outside the loop
+        cache = transformer.init_cache(decoder.cfg, prompt.shape[0], total_len)
+        logits, cache = transformer.prefill(decoder, params, cache, prompt)
         tokens = jnp.zeros((prompt.shape[0], new), jnp.int32)
         step_logits = jnp.zeros((prompt.shape[0], new + 1, logits.shape[-1]), logits.dtype)
 
         def body(i, carry):  # the last step also fills the cache's final slot
             last, cache, tokens, step_logits = carry
             token = last.argmax(-1).astype(jnp.int32)
-            last, cache = transformer.decode_step(model, params, cache, token)
+            last, cache = transformer.decode_step(decoder, params, cache, token)
             return last, cache, tokens.at[:, i].set(token), step_logits.at[:, i + 1].set(last)
 
         carry = (logits[:, -1], cache, tokens, step_logits.at[:, 0].set(logits[:, -1]))

@@ -58,7 +58,7 @@ def test_prompt_longer_than_cache_is_rejected():
 
 
 def test_sharded_cache_decodes_like_one_device():
-    """The cache laid out by CACHE_AXES on a (2, 2, 2) mesh: batch on data x fsdp, k/v heads on tensor."""
+    """The cache laid out by cache_axes on a (2, 2, 2) mesh: batch on data x fsdp, k/v heads on tensor."""
     config = tiny_config('chameleon')
     model1, params1, _, _ = build(config)
     model8, params8, mesh, rules = build(config, parallel.create_mesh((2, 2, 2)))
@@ -70,8 +70,8 @@ def test_sharded_cache_decodes_like_one_device():
         return step_logits, cache
 
     want, _ = jax.jit(lambda p, c: run(model1, p, c))(params1, transformer.init_cache(model1.cfg, 4, 8))
-    cache = parallel.shard_tree(transformer.init_cache(model8.cfg, 4, 8), mesh, rules, transformer.CACHE_AXES)
-    assert cache['k'].sharding.spec == jax.sharding.PartitionSpec(None, ('data', 'fsdp'), None, 'tensor', None)
+    cache = parallel.shard_tree(transformer.init_cache(model8.cfg, 4, 8), mesh, rules, transformer.cache_axes(model8.cfg))
+    assert cache['k'][0].sharding.spec == jax.sharding.PartitionSpec(('data', 'fsdp'), 'tensor', None, None)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         got, new_cache = jax.jit(lambda p, c: run(model8, p, c))(params8, cache)
     np.testing.assert_allclose(got, want, atol=1e-5)

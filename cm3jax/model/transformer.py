@@ -8,7 +8,8 @@ field of `TransformerConfig`, so ablations can mix them.
 
 Params are plain pytrees: ``params = model.init(rng, tokens)['params']``, then
 ``model.apply({'params': params}, tokens)``. Decoding uses an explicit cache pytree
-(`init_cache`, `prefill`, `decode_step`); no Flax mutable collections.
+(`init_cache`, `prefill`, `decode_step`) over the unrolled layer layout (`unrolled`); no Flax
+mutable collections.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import flax.linen as nn
 from cm3jax.model.attention import attention
 from cm3jax.model.layers import Mlp, Norm, param, rope, trunc_normal
 
-Cache = dict[str, jax.Array]
+Cache = dict[str, Any]  # see init_cache
 
 REMAT_POLICIES = {
     'none': None,  # no rematerialisation
@@ -89,8 +90,8 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, segment_ids, positions, kv_segment_ids, kv_positions, layer_cache, end):
-        """x: [B, T, d]. With a layer cache {'k','v': [B, S, KV, D]}, this step's k/v are
-        written at slots [end, end+T) and attention reads all S slots."""
+        """x: [B, T, d]. With a layer cache {'k': [B, KV, D, S], 'v': [B, KV, S, D]}, this
+        step's k/v are written at slots [end, end+T) and attention reads all S slots."""
         cfg = self.cfg
         d, h, kvh, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         init = trunc_normal(cfg.init_std)
@@ -110,9 +111,11 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(q, ('act_batch', 'act_len', 'act_heads', None))
         k = nn.with_logical_constraint(k, ('act_batch', 'act_len', 'act_kv_heads', None))
         new_cache = None
-        if layer_cache is not None:
-            write = lambda slots, new: jax.lax.dynamic_update_slice_in_dim(slots, new.astype(slots.dtype), end, axis=1)
-            new_cache = {'k': write(layer_cache['k'], k), 'v': write(layer_cache['v'], v)}
+        if layer_cache is not None:  # k slots [B, KV, D, S], v slots [B, KV, S, D]: see cached_attention
+            write = lambda slots, new, axis: jax.lax.dynamic_update_slice_in_dim(
+                slots, new.astype(slots.dtype), end, axis=axis)
+            new_cache = {'k': write(layer_cache['k'], k.transpose(0, 2, 3, 1), 3),
+                         'v': write(layer_cache['v'], v.swapaxes(1, 2), 2)}
             k, v = new_cache['k'].astype(cfg.dtype), new_cache['v'].astype(cfg.dtype)
         out = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                         q_positions=positions, kv_positions=kv_positions,
@@ -175,28 +178,30 @@ class Transformer(nn.Module):
         end = None
         kv_segment_ids, kv_positions = segment_ids, positions
         if cache is not None:
+            if cfg.scan_layers:
+                raise ValueError('a cached call needs the unrolled layout: convert with '
+                                 '`transformer.unrolled(model, params)` (prefill and decode_step do)')
             end = cache['end']
             kv_segment_ids = jax.lax.dynamic_update_slice_in_dim(cache['segment_ids'], segment_ids, end, axis=1)
             kv_positions = jax.lax.dynamic_update_slice_in_dim(cache['positions'], positions, end, axis=1)
-        layer_cache = None if cache is None else {'k': cache['k'], 'v': cache['v']}
         ctx = (segment_ids, positions, kv_segment_ids, kv_positions, end)
 
         block = Block
         if cfg.remat != 'none':
             block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        new_k, new_v = [], []
         if cfg.scan_layers:
             stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
                             in_axes=(0,) + (nn.broadcast,) * len(ctx), length=cfg.num_layers,
                             metadata_params={nn.PARTITION_NAME: 'layers'})(cfg, name='layers')
-            x, layer_cache = stack(x, layer_cache, *ctx)
+            x, _ = stack(x, None, *ctx)
         else:
-            new_layers = []
             for i in range(cfg.num_layers):
-                this = None if layer_cache is None else jax.tree.map(lambda c: c[i], layer_cache)
+                this = None if cache is None else {'k': cache['k'][i], 'v': cache['v'][i]}
                 x, this = block(cfg, name=f'layers_{i}')(x, this, *ctx)
-                new_layers.append(this)
-            if layer_cache is not None:
-                layer_cache = jax.tree.map(lambda *c: jnp.stack(c), *new_layers)
+                if this is not None:
+                    new_k.append(this['k'])
+                    new_v.append(this['v'])
 
         x = Norm(cfg.norm, cfg.norm_params, cfg.norm_eps, param_dtype=cfg.param_dtype, name='final_norm')(x)
         if cfg.tie_embeddings:
@@ -211,38 +216,59 @@ class Transformer(nn.Module):
         logits = nn.with_logical_constraint(logits, ('act_batch', 'act_len', 'act_vocab'))
         if cache is None:
             return logits
-        new_cache = dict(layer_cache, segment_ids=kv_segment_ids, positions=kv_positions,
+        new_cache = dict(k=new_k, v=new_v, segment_ids=kv_segment_ids, positions=kv_positions,
                          end=end + tokens.shape[1])
         return logits, new_cache
 
 
 # --- the KV-cache path ---------------------------------------------------------------------
+#
+# Cached calls run the layers unrolled, each with its own cache buffers: inside a decode loop
+# every layer's k/v slots are then written in place and read in place by the attention dots.
+# (A layer scan would hand each layer a slice of one stacked [L, ...] cache and stack the
+# results again: three copies of the whole cache per token.)
 
-CACHE_AXES = {
-    'k': ('layers', 'act_batch', None, 'act_kv_heads', None),
-    'v': ('layers', 'act_batch', None, 'act_kv_heads', None),
-    'segment_ids': ('act_batch', None),
-    'positions': ('act_batch', None),
-    'end': (),
-}
+LAYER_CACHE_AXES = ('act_batch', 'act_kv_heads', None, None)  # k: [B, KV, D, S], v: [B, KV, S, D]
+
+
+def cache_axes(cfg: TransformerConfig) -> dict:
+    """Logical axes of `init_cache`'s pytree, leaf for leaf (for ``parallel.shard_tree``)."""
+    return {'k': [LAYER_CACHE_AXES] * cfg.num_layers, 'v': [LAYER_CACHE_AXES] * cfg.num_layers,
+            'segment_ids': ('act_batch', None), 'positions': ('act_batch', None), 'end': ()}
 
 
 def init_cache(cfg: TransformerConfig, batch: int, max_len: int, dtype=None) -> Cache:
     """An empty cache of ``max_len`` slots per row.
 
-    k, v: [L, B, S, KV, D] (``dtype``, default the compute dtype); segment_ids, positions:
-    [B, S] int32 (0 = empty slot); end: int32 scalar, the next slot written. Logical axes for
-    sharding it are in ``CACHE_AXES``.
+    k, v: lists of L arrays, one per layer, k [B, KV, D, S] and v [B, KV, S, D] (the layouts
+    whose decode-step dots are plain matrix products; see `attention.cached_attention`), in
+    ``dtype`` (default the compute dtype); segment_ids, positions: [B, S] int32 (0 = empty slot);
+    end: int32 scalar, the next slot written. `cache_axes` gives the logical axes for sharding it.
     """
     if max_len > cfg.max_len and cfg.position == 'learned':
         raise ValueError(f'a cache of {max_len} slots exceeds model.max_len={cfg.max_len}; '
                          f'learned positions exist only up to max_len')
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    k_shape = (batch, cfg.num_kv_heads, cfg.head_dim, max_len)
+    v_shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
     dtype = dtype or cfg.dtype
-    return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype),
+    return {'k': [jnp.zeros(k_shape, dtype) for _ in range(cfg.num_layers)],
+            'v': [jnp.zeros(v_shape, dtype) for _ in range(cfg.num_layers)],
             'segment_ids': jnp.zeros((batch, max_len), jnp.int32),
             'positions': jnp.zeros((batch, max_len), jnp.int32),
             'end': jnp.zeros((), jnp.int32)}
+
+
+def unrolled(model: Transformer, params) -> tuple[Transformer, Any]:
+    """(model, params) with the layer stack unrolled: ``layers`` [L, ...] becomes ``layers_0`` ..
+    ``layers_{L-1}``, and no remat (decoding keeps no activations). The cached calls need this
+    layout; convert once outside a decode loop so that the loop does not slice the stack every
+    step. A model already unrolled comes back as is."""
+    cfg = dataclasses.replace(model.cfg, scan_layers=False, remat='none')
+    if model.cfg.scan_layers:
+        params = dict(params)
+        stack = params.pop('layers')
+        params |= {f'layers_{i}': jax.tree.map(lambda p: p[i], stack) for i in range(cfg.num_layers)}
+    return (model if cfg == model.cfg else Transformer(cfg)), params
 
 
 def prefill(model: Transformer, params, cache: Cache, tokens, segment_ids=None, positions=None):
@@ -258,6 +284,7 @@ def prefill(model: Transformer, params, cache: Cache, tokens, segment_ids=None, 
                          f'pass a larger max_len to init_cache')
     if segment_ids is None:
         segment_ids = jnp.ones_like(tokens, jnp.int32)
+    model, params = unrolled(model, params)
     return model.apply({'params': params}, tokens, segment_ids, positions, cache=cache)
 
 
@@ -265,10 +292,12 @@ def decode_step(model: Transformer, params, cache: Cache, tokens):
     """Append one token per row and return (logits [B, V], cache).
 
     tokens: [B]. Each token continues its row's last segment at the next position, whatever
-    padding the prompt had. The caller keeps ``cache['end']`` below the cache length.
+    padding the prompt had. The caller keeps ``cache['end']`` below the cache length. In a loop,
+    pass the model and params through `unrolled` once before it.
     """
     seg = cache['segment_ids']
     last = seg.max(axis=1, keepdims=True)  # [B, 1]; prompts of zero length start segment 1
     pos = jnp.where((seg == last) & (seg != 0), cache['positions'] + 1, 0).max(axis=1, keepdims=True)
+    model, params = unrolled(model, params)
     logits, cache = model.apply({'params': params}, tokens[:, None], jnp.maximum(last, 1), pos, cache=cache)
     return logits[:, 0], cache
