@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 from cm3jax import configuration, parallel
-from cm3jax.data import cm3, documents, pipeline, prepare, synthetic
+from cm3jax.data import augment, cm3, documents, pipeline, prepare, synthetic
 from cm3jax.model import transformer
 from cm3jax.train import checkpoint, loop, metrics as metrics_lib, optim, state as state_lib, step as step_lib
 from cm3jax.train.loss import token_stats
@@ -111,7 +111,23 @@ def pipeline_config(config, seed: int) -> pipeline.PipelineConfig:
     return pipeline.PipelineConfig(
         seq_len=t.seq_len, batch=t.batch, seed=seed,
         layout=documents.LayoutConfig(text_first=d.text_first, caption_dropout=d.caption_dropout),
-        cm3=cm3.CM3Config(rate=d.cm3_rate, min_spans=d.cm3_min_spans, max_spans=d.cm3_max_spans))
+        cm3=cm3.CM3Config(rate=d.cm3_rate, min_spans=d.cm3_min_spans, max_spans=d.cm3_max_spans),
+        query_weight=d.query_weight)
+
+
+def retrieval_augment(config, data_dir: str, vocab) -> augment.RetrievalAugment | None:
+    """The augmentation hook of ``config.data.retrieved`` ('' = none) for the documents of
+    ``data_dir``: its neighbour lists, retrieving documents of ``data.dir`` (the memory bank)."""
+    d = config.data
+    if not str(d.retrieved).strip():
+        return None
+    try:
+        counts = tuple(int(k) for k in str(d.retrieved).split(','))
+        cfg = augment.RetrievalConfig(counts)
+    except ValueError as e:
+        raise configuration.ConfigError(f'data.retrieved={d.retrieved!r}: give counts like "2" or "0,1,2" ({e})')
+    layout = documents.LayoutConfig(text_first=d.text_first)
+    return augment.RetrievalAugment(d.dir, vocab, cfg, layout, neighbours_dir=data_dir)
 
 
 class Data(NamedTuple):
@@ -143,10 +159,13 @@ def make_data(config, mesh, rules) -> Data:
         raise configuration.ConfigError(f'data.cm3_max_spans={d.cm3_max_spans} exceeds the {len(vocab.sentinels)} '
                                         f'sentinels of {d.dir}\'s vocab: lower it (or prepare with more)')
     where = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    local = pipeline.Pipeline(d.dir, vocab, pipeline_config(config, config.seed), **where)
+    local = pipeline.Pipeline(d.dir, vocab, pipeline_config(config, config.seed), **where,
+                              augment=retrieval_augment(config, d.dir, vocab))
 
     def eval_batches():  # held-out shards if given, else the training shards in another order
-        held_out = pipeline.Pipeline(d.eval_dir or d.dir, vocab, pipeline_config(config, config.seed + 1), **where)
+        # held-out documents retrieve from their own neighbour lists (built against the training bank)
+        held_out = pipeline.Pipeline(d.eval_dir or d.dir, vocab, pipeline_config(config, config.seed + 1), **where,
+                                     augment=retrieval_augment(config, d.eval_dir or d.dir, vocab))
         return (parallel.global_batch(next(held_out), mesh, rules) for _ in range(t.eval_batches))
 
     group_fn = lambda b: {k: v for k, v in vocab.groups(b['targets']).items() if k != 'special'}

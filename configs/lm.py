@@ -116,6 +116,11 @@ def get_config(arg: str = 'tiny') -> ConfigDict:
         'cm3_rate': 1.0,          # spans ~ Poisson(rate), clamped to [min, max] (0 = plain causal)
         'cm3_min_spans': 0,
         'cm3_max_spans': 8,       # at most the vocab's sentinels (cm3jax prepare: vocab.num_sentinels)
+        # Retrieval augmentation (PAPER.md section 3): K retrieved documents before each query, K drawn
+        # from these counts ('2': CM3leon; '0,1,2': RA-CM3; '' = off), picked from the neighbour lists
+        # that `cm3jax build-index` wrote in `dir` (and `eval_dir`); retrieved documents come from `dir`.
+        'retrieved': '',
+        'query_weight': 1.0,      # the query's loss weight; retrieved documents' is 1 (RA-CM3 up-weighted)
     })
 
     # The quickstart: fit a few fixed token patterns, then regenerate them with the KV cache.

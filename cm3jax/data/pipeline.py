@@ -3,7 +3,8 @@
     ArrayRecord shards (this process's share)
       -> grain MapDataset: shuffle(seed) per epoch, repeat
       -> per example, from rng = default_rng([seed, process, index]):
-           decode record -> [retrieval augmentation hook] -> layout -> CM3 transform
+           decode record -> layout -> CM3 transform, after the retrieved documents of the
+           augmentation hook (`cm3jax.data.augment`), which are not transformed
       -> greedy packing into rows of seq_len + 1 tokens (segment ids, positions, weights)
       -> this process's rows of the global batch (numpy); `parallel.global_batch` makes jax.Arrays
 
@@ -22,15 +23,15 @@ from typing import Callable
 
 import numpy as np
 
-from cm3jax.data import cm3, documents, prepare
+from cm3jax.data import cm3, documents, neighbours, prepare
 from cm3jax.vocab import Vocab
 
 log = logging.getLogger(__name__)
 
-# The retrieval-augmentation hook: (query record header, query segments, is_image, rng) ->
-# laid-out token documents (each ending in <eos>) to put before the query; the retrieval issue
-# fills it from neighbour lists written next to the shards.
-Augment = Callable[[dict, list, list, np.random.Generator], list[np.ndarray]]
+# The retrieval-augmentation hook: (query document id, rng) -> laid-out token documents (each
+# ending in <eos>) to put before the query; `cm3jax.data.augment.RetrievalAugment` reads them
+# from the neighbour lists written next to the shards. Ids are `neighbours.global_ids`.
+Augment = Callable[[int, np.random.Generator], list[np.ndarray]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,10 +42,13 @@ class PipelineConfig:
     shuffle: bool = True
     layout: documents.LayoutConfig = documents.LayoutConfig()
     cm3: cm3.CM3Config = cm3.CM3Config()
+    query_weight: float = 1.0  # loss weight of the query's tokens; retrieved documents' are 1 (RA-CM3 up-weights)
 
     def __post_init__(self):
         if self.seq_len < 2 or self.batch < 1:
             raise ValueError(f'pipeline needs seq_len >= 2 and batch >= 1; got {self.seq_len}, {self.batch}')
+        if self.query_weight <= 0:
+            raise ValueError(f'query_weight={self.query_weight} must be > 0')
 
 
 class Pipeline:
@@ -67,10 +71,16 @@ class Pipeline:
         if len(manifest['shards']) < process_count:
             raise ValueError(f'{data_dir} has {len(manifest["shards"])} shards, fewer than the {process_count} '
                              f'processes: prepare with a smaller prepare.shard_size')
-        self.shards = [self.data_dir / s['path'] for s in manifest['shards'][process_index::process_count]]
+        mine = [s['path'] for s in manifest['shards'][process_index::process_count]]
+        self.shards = [self.data_dir / p for p in mine]
+        self.doc_ids = neighbours.global_ids(manifest, mine)  # record index -> document id
         source = grain.sources.ArrayRecordDataSource([str(p) for p in self.shards])
         self.num_documents = len(source)
-        ds = grain.MapDataset.source(source)
+        # each record travels with its index in this process's source, so the shuffled stream
+        # still knows which document it holds (for its neighbour list); grain's shuffle hands
+        # later epochs indices past the end, which the source wraps
+        n = self.num_documents
+        ds = grain.MapDataset.source(source).map_with_index(lambda i, record: (i % n, record))
         if cfg.shuffle:
             ds = ds.shuffle(seed=cfg.seed)  # a fresh order every epoch after repeat
         self._examples = ds.repeat(None).map_with_index(self._example)
@@ -80,18 +90,24 @@ class Pipeline:
 
     # ---- One example ----
 
-    def _example(self, index: int, record: bytes):
+    def _example(self, index: int, item: tuple[int, bytes]):
+        record_index, record = item
         rng = np.random.default_rng([self.cfg.seed, self.process_index, index])
         try:
-            segments, is_image, header = documents.decode_record(record)
+            segments, is_image, _ = documents.decode_record(record)
             tokens = documents.layout(segments, is_image, self.vocab, rng, self.cfg.layout)
         except ValueError as e:
             log.warning('skipping example %d: %s', index, e)
             return None
+        tokens, weights = cm3.transform(tokens, self.vocab, rng, self.cfg.cm3)
+        weights = weights * np.float32(self.cfg.query_weight)
         if self.augment is not None:
-            retrieved = self.augment(header, segments, is_image, rng)
-            tokens = np.concatenate([*retrieved, tokens]).astype(np.int32)
-        return cm3.transform(tokens, self.vocab, rng, self.cfg.cm3)
+            retrieved = self.augment(int(self.doc_ids[record_index]), rng)
+            if retrieved:
+                before = np.concatenate(retrieved).astype(np.int32)
+                tokens = np.concatenate([before, tokens])
+                weights = np.concatenate([np.ones(len(before), np.float32), weights])
+        return tokens, weights
 
     def example(self, index: int):
         """(tokens Int32[T], weights Float32[T]) of example ``index``, or None if its record is corrupt."""
@@ -157,6 +173,10 @@ class Pipeline:
         self._held = None
 
     def report(self) -> str:
-        return (f'{self.position} examples read from {len(self.shards)} shards ({self.num_documents} documents); '
+        text = (f'{self.position} examples read from {len(self.shards)} shards ({self.num_documents} documents); '
                 f'{self.counts["skipped"]} corrupt records skipped, {self.counts["truncated"]} examples truncated '
                 f'to seq_len + 1 = {self.cfg.seq_len + 1}')
+        counts = getattr(self.augment, 'counts', None)
+        if counts:  # counted by this process since it started, not restored on resume
+            text += '; retrieval: ' + ', '.join(f'{v} {k.replace("_", " ")}' for k, v in counts.items())
+        return text
