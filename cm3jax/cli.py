@@ -3,14 +3,19 @@
 Commands:
   train        train the language model in --workdir (resumes there; --init_from=DIR to fine-tune)
   train-tokenizer  train the VQ-GAN image tokenizer (--config=configs/vq.py:tiny) in --workdir
+  train-retriever  train the CLIP retriever (--config=configs/clip.py:tiny) in --workdir
   prepare      documents -> token shards (--config=configs/data.py:shapes --config.out=DIR --config.vq_workdir=DIR)
-  sample       text -> images from a --workdir trained on prepared data (--prompt, --num, --cfg, --mode)
+  build-index  embed --data's documents with --retriever into a memory bank and write every document's
+               neighbour list next to its shards (--queries=EVAL_DIR for held-out data, --top_m)
+  sample       text -> images from a --workdir trained on prepared data (--prompt, --num, --cfg, --mode;
+               --retriever=DIR re-ranks by CLIP score, --retrieve=K puts K retrieved documents first)
   quickstart   fit a few token sequences on the mesh, then regenerate them with the KV cache
   config       print the resolved, validated config
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
 import sys
@@ -34,6 +39,14 @@ _TEMPERATURE = flags.DEFINE_float('temperature', 1.0, 'sample: temperature (0 = 
 _TOP_P = flags.DEFINE_float('top_p', 0.9, 'sample: nucleus mass.')
 _SEED = flags.DEFINE_integer('seed', 0, 'sample: random seed.')
 _OUT = flags.DEFINE_string('out', None, 'sample: where samples.png and samples.json go (default WORKDIR/samples).')
+_RETRIEVER = flags.DEFINE_string('retriever', None, 'build-index, sample: a `cm3jax train-retriever` workdir or a '
+                                 'directory of HF CLIP weights (config.json, weights, tokenizer.json).')
+_RETRIEVE = flags.DEFINE_integer('retrieve', 0, 'sample: documents retrieved from the training data\'s memory bank '
+                                 'and put before each prompt (needs --retriever and `cm3jax build-index`).')
+_DATA = flags.DEFINE_string('data', None, 'build-index: the prepared data to index (the memory bank\'s documents).')
+_QUERIES = flags.DEFINE_multi_string('queries', [], 'build-index: held-out prepared data that gets neighbour '
+                                     'lists against the same bank.')
+_TOP_M = flags.DEFINE_integer('top_m', 8, 'build-index: neighbours kept per document.')
 
 
 def _train(config) -> None:
@@ -65,6 +78,16 @@ def _train_tokenizer(config) -> None:
     train.train(config, _WORKDIR.value, data, held_out)
 
 
+def _train_retriever(config) -> None:
+    if not _WORKDIR.value:
+        raise app.UsageError('cm3jax train-retriever needs --workdir=DIR (checkpoints, metrics and the tokenizer '
+                             'go there)')
+    if 'tokenizer' not in config or 'vision_layers' not in config.get('model', {}):
+        raise app.UsageError('cm3jax train-retriever needs a retriever config, e.g. --config=configs/clip.py:tiny')
+    from cm3jax.retrieval import train
+    train.train(config, _WORKDIR.value)
+
+
 def _prepare(config) -> None:
     if 'vq_workdir' not in config:
         raise app.UsageError('cm3jax prepare needs a data config, e.g. --config=configs/data.py:shapes')
@@ -80,7 +103,6 @@ def _sample(config) -> None:
     if not _WORKDIR.value or not _PROMPT.value:
         raise app.UsageError('cm3jax sample needs --workdir=DIR (a `cm3jax train` run on prepared data) and '
                              '--prompt="a red circle left of a blue square" (repeatable)')
-    import json
     import flax.linen as nn
     import jax
     import numpy as np
@@ -89,9 +111,19 @@ def _sample(config) -> None:
     gen, mesh, rules = load.load_generator(_WORKDIR.value)
     sample = decode.SampleConfig(cfg_scale=_CFG.value, mode=_MODE.value, temperature=_TEMPERATURE.value,
                                  top_p=_TOP_P.value)
+    retrieved = score_fn = None
+    if _RETRIEVE.value and not _RETRIEVER.value:
+        raise app.UsageError('--retrieve needs --retriever=DIR (the retriever that built the memory bank)')
+    if _RETRIEVER.value:
+        from cm3jax.retrieval import inference, load as retrieval_load
+        retriever = retrieval_load.load_retriever(_RETRIEVER.value)
+        score_fn = inference.score_fn(retriever)
+        if _RETRIEVE.value:
+            data_dir = json.loads((pathlib.Path(_WORKDIR.value) / 'config.json').read_text())['data']['dir']
+            retrieved = inference.retrieve(retriever, data_dir, _PROMPT.value, _RETRIEVE.value, vocab=gen.vocab)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         out = generate.text_to_image(gen, _PROMPT.value, num=_NUM.value, sample=sample,
-                                     rng=jax.random.key(_SEED.value))
+                                     rng=jax.random.key(_SEED.value), retrieved=retrieved, score_fn=score_fn)
     where = pathlib.Path(_OUT.value or pathlib.Path(_WORKDIR.value) / 'samples')
     where.mkdir(parents=True, exist_ok=True)
     grid = np.concatenate([np.concatenate(list(row), axis=1) for row in out['images']], axis=0)
@@ -99,8 +131,18 @@ def _sample(config) -> None:
     (where / 'samples.json').write_text(json.dumps({
         'prompts': _PROMPT.value, 'sample': vars(sample), 'codes': out['codes'].tolist(),
         'scores': out['scores'].tolist() if 'scores' in out else None}, indent=1))
-    print(f'{len(_PROMPT.value)} prompt(s) x {_NUM.value} samples: {where}/samples.png (a row per prompt), '
-          f'{where}/samples.json')
+    print(f'{len(_PROMPT.value)} prompt(s) x {_NUM.value} samples: {where}/samples.png (a row per prompt'
+          f'{", best CLIP score first" if score_fn else ""}), {where}/samples.json')
+
+
+def _build_index(config) -> None:
+    del config  # flags only
+    if not _DATA.value or not _RETRIEVER.value:
+        raise app.UsageError('cm3jax build-index needs --data=DIR (prepared shards) and --retriever=DIR')
+    from cm3jax.retrieval import build, load as retrieval_load
+    retriever = retrieval_load.load_retriever(_RETRIEVER.value)
+    summary = build.build_index(_DATA.value, retriever, build.BuildConfig(top_m=_TOP_M.value), queries=_QUERIES.value)
+    print(json.dumps(summary, indent=1))
 
 
 def _quickstart(config) -> None:
@@ -121,7 +163,8 @@ def _show_config(config) -> None:
     print(configuration.validate(config))
 
 
-COMMANDS = {'train': _train, 'train-tokenizer': _train_tokenizer, 'prepare': _prepare, 'sample': _sample,
+COMMANDS = {'train': _train, 'train-tokenizer': _train_tokenizer, 'train-retriever': _train_retriever,
+            'prepare': _prepare, 'build-index': _build_index, 'sample': _sample,
             'quickstart': _quickstart,
             'config': _show_config}
 

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import pathlib
-from typing import Iterable
+from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -184,6 +184,30 @@ def _load_progress(out_dir: pathlib.Path, identity: dict) -> dict:
             raise FileNotFoundError(f'{out_dir / shard["path"]} is listed in {path} but missing: delete {path} '
                                     f'to start over')
     return progress
+
+
+def load_tokenizers(data_dir: str | pathlib.Path) -> tuple[dict, Vocab, Any, Any, vq.VQConfig]:
+    """(manifest, vocab, text tokenizer, VQ params, VQ config) that ``data_dir`` was prepared
+    with, found through its manifest (``cm3jax prepare`` records where they live) and checked
+    against the fingerprints it holds: a tokenizer that kept training after `prepare` would read
+    the ids as something else."""
+    from cm3jax import text_tokenizer as text_tok
+    from cm3jax.vq import load as vq_load
+
+    manifest = read_manifest(data_dir)
+    for key in ('vq_workdir', 'text_tokenizer_path'):
+        if key not in manifest:
+            raise ValueError(f'{data_dir}/manifest.json does not say where its tokenizers are ({key}); '
+                             f'it was not written by `cm3jax prepare`')
+    vocab = Vocab.from_dict(manifest['vocab'])
+    tok = text_tok.TextTokenizer.load(manifest['text_tokenizer_path'])
+    vq_params, vq_cfg = vq_load.load_tokenizer(manifest['vq_workdir'])
+    for name, have, want in (('text tokenizer', tok.fingerprint(), manifest['text_tokenizer']),
+                             ('image tokenizer', params_fingerprint(vq_params), manifest['image_tokenizer'])):
+        if have != want:
+            raise ValueError(f'the {name} found through {data_dir}/manifest.json is not the one the data '
+                             f'was prepared with (fingerprint {have} vs {want}); restore that version')
+    return manifest, vocab, tok, vq_params, vq_cfg
 
 
 def read_manifest(data_dir: str | pathlib.Path, vocab: Vocab | None = None) -> dict:

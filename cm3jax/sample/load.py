@@ -12,13 +12,11 @@ import jax.numpy as jnp
 import optax
 from ml_collections import ConfigDict
 
-from cm3jax import configuration, parallel, text_tokenizer
+from cm3jax import configuration, parallel
 from cm3jax.data import prepare
 from cm3jax.model import transformer
 from cm3jax.sample.generate import Generator
 from cm3jax.train import checkpoint, state as state_lib
-from cm3jax.vocab import Vocab
-from cm3jax.vq import load as vq_load
 
 
 def load_generator(workdir: str | pathlib.Path, mesh: jax.sharding.Mesh | None = None,
@@ -34,19 +32,7 @@ def load_generator(workdir: str | pathlib.Path, mesh: jax.sharding.Mesh | None =
     if config.data.source != 'prepared':
         raise ValueError(f'{workdir} trained on data.source={config.data.source!r}; sampling images needs a run on '
                          f'prepared multimodal data (data.source="prepared")')
-    manifest = prepare.read_manifest(config.data.dir)
-    for key in ('vq_workdir', 'text_tokenizer_path'):
-        if key not in manifest:
-            raise ValueError(f'{config.data.dir}/manifest.json does not say where its tokenizers are ({key}); '
-                             f'it was not written by `cm3jax prepare`')
-    vocab = Vocab.from_dict(manifest['vocab'])
-    tok = text_tokenizer.TextTokenizer.load(manifest['text_tokenizer_path'])
-    vq_params, vq_cfg = vq_load.load_tokenizer(manifest['vq_workdir'])
-    for name, have, want in (('text tokenizer', tok.fingerprint(), manifest['text_tokenizer']),
-                             ('image tokenizer', prepare.params_fingerprint(vq_params), manifest['image_tokenizer'])):
-        if have != want:  # e.g. the VQ kept training after `prepare`: its codes mean something else now
-            raise ValueError(f'the {name} found through {config.data.dir}/manifest.json is not the one the data '
-                             f'was prepared with (fingerprint {have} vs {want}); restore that version')
+    _, vocab, tok, vq_params, vq_cfg = prepare.load_tokenizers(config.data.dir)
 
     mesh = mesh or parallel.create_mesh((1, -1, 1))
     rules = parallel.rules_from_config(config)
