@@ -33,7 +33,7 @@ demo: $(BASE)
 		--config=configs/lm.py:tiny --config.mesh.ici='(2,2,2)' --workdir=$(DEMO_DIR)
 
 test: $(TEST)
-	$(BIN)/python -m pytest -q -n 2 --durations=20 tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=20 tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache

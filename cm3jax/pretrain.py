@@ -112,7 +112,7 @@ def pipeline_config(config, seed: int) -> pipeline.PipelineConfig:
         seq_len=t.seq_len, batch=t.batch, seed=seed,
         layout=documents.LayoutConfig(text_first=d.text_first, caption_dropout=d.caption_dropout),
         cm3=cm3.CM3Config(rate=d.cm3_rate, min_spans=d.cm3_min_spans, max_spans=d.cm3_max_spans),
-        query_weight=d.query_weight)
+        query_weight=d.query_weight, retrieved_weight=d.retrieved_weight)
 
 
 def retrieval_augment(config, data_dir: str, vocab) -> augment.RetrievalAugment | None:

@@ -120,7 +120,8 @@ def get_config(arg: str = 'tiny') -> ConfigDict:
         # from these counts ('2': CM3leon; '0,1,2': RA-CM3; '' = off), picked from the neighbour lists
         # that `cm3jax build-index` wrote in `dir` (and `eval_dir`); retrieved documents come from `dir`.
         'retrieved': '',
-        'query_weight': 1.0,      # the query's loss weight; retrieved documents' is 1 (RA-CM3 up-weighted)
+        'query_weight': 1.0,      # the query's loss weight (RA-CM3 up-weighted it)
+        'retrieved_weight': 1.0,  # the retrieved documents' loss weight (0: learn from the query only)
     })
 
     # The quickstart: fit a few fixed token patterns, then regenerate them with the KV cache.

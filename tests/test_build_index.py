@@ -12,6 +12,8 @@ from cm3jax.retrieval import build, clip, index, inference, load, select
 from configs import clip as clip_configs, data as data_configs
 from tests.test_data_end_to_end import random_tokenizer_workdir
 
+pytestmark = pytest.mark.xdist_group('build_index')  # one worker builds the module fixture
+
 N = 48
 
 
@@ -25,12 +27,14 @@ def setup(tmp_path_factory):
         config.out, config.vq_workdir = str(root / name), str(root / 'vq')
         config.text_tokenizer.update(vocab_size=300, train_documents=N)
         if name == 'eval':  # the held-out set reads with the training data's text tokenizer
-            config.text_tokenizer.update(file=str(root / 'data' / 'tokenizer.json'))
+            config.text_tokenizer.path = str(root / 'data' / 'tokenizer.json')
         config.prepare.update(shard_size=20, progress=False)
         prepare.run(config)
     _, _, tok, _, _ = prepare.load_tokenizers(root / 'data')
-    layout = load.text_layout(tok, 24)
-    cfg = load.clip_config(clip_configs.get_config('tiny').model, layout)
+    model = clip_configs.get_config('tiny').model
+    model.max_len = 24  # these scenes hold up to 3 objects: longer captions than the preset's world
+    layout = load.text_layout(tok, model.max_len)
+    cfg = load.clip_config(model, layout)
     mesh = parallel.create_mesh((-1, 1, 1))
     retriever = load.Retriever(cfg, clip.init(cfg, jax.random.key(0)), layout, mesh, parallel.rules_from_config({}),
                                batch_size=16)

@@ -66,6 +66,23 @@ def test_a_sequence_with_two_retrieved_documents_decodes_as_the_paper_lays_it_ou
     assert hook.counts['retrieved'] == 2 * N and hook.counts['corrupt_neighbours'] == 0
 
 
+def test_retrieved_weight_zero_leaves_the_loss_on_the_query(data):
+    """data.retrieved_weight=0 (the ablation's query-document loss): the same tokens, the
+    retrieved part weighing nothing; a negative weight is refused."""
+    out, vocab, _ = data
+    make = lambda **w: pipeline.Pipeline(out, vocab, pipeline.PipelineConfig(seq_len=64, batch=2, shuffle=False, **w),
+                                         augment=augment.RetrievalAugment(out, vocab, augment.RetrievalConfig((2,))))
+    full, query_only = make(), make(retrieved_weight=0.0)
+    for i in range(5):
+        (t1, w1), (t2, w2) = full.example(i), query_only.example(i)
+        np.testing.assert_array_equal(t1, t2)
+        n = np.flatnonzero(t1 == vocab.eos)[1] + 1  # the two retrieved documents
+        assert (w2[:n] == 0).all() and (w1[:n] == 1).all()
+        np.testing.assert_array_equal(w2[n:], w1[n:])
+    with pytest.raises(ValueError, match='retrieved_weight=-1'):
+        pipeline.PipelineConfig(seq_len=64, batch=2, retrieved_weight=-1.0)
+
+
 def test_k_is_drawn_from_the_counts_and_batches_stay_deterministic(data):
     out, vocab, _ = data
     config = pipeline.PipelineConfig(seq_len=96, batch=2, seed=1)

@@ -42,13 +42,16 @@ class PipelineConfig:
     shuffle: bool = True
     layout: documents.LayoutConfig = documents.LayoutConfig()
     cm3: cm3.CM3Config = cm3.CM3Config()
-    query_weight: float = 1.0  # loss weight of the query's tokens; retrieved documents' are 1 (RA-CM3 up-weights)
+    query_weight: float = 1.0  # loss weight of the query's tokens (RA-CM3 up-weights them)
+    retrieved_weight: float = 1.0  # loss weight of the retrieved documents' tokens; 0 = loss on the query only
 
     def __post_init__(self):
         if self.seq_len < 2 or self.batch < 1:
             raise ValueError(f'pipeline needs seq_len >= 2 and batch >= 1; got {self.seq_len}, {self.batch}')
         if self.query_weight <= 0:
             raise ValueError(f'query_weight={self.query_weight} must be > 0')
+        if self.retrieved_weight < 0:
+            raise ValueError(f'retrieved_weight={self.retrieved_weight} must be >= 0')
 
 
 class Pipeline:
@@ -106,7 +109,7 @@ class Pipeline:
             if retrieved:
                 before = np.concatenate(retrieved).astype(np.int32)
                 tokens = np.concatenate([before, tokens])
-                weights = np.concatenate([np.ones(len(before), np.float32), weights])
+                weights = np.concatenate([np.full(len(before), self.cfg.retrieved_weight, np.float32), weights])
         return tokens, weights
 
     def example(self, index: int):

@@ -1,0 +1,79 @@
+"""experiments/retrieval_ablation.py's own parts (its stages are cm3jax's commands, tested in
+their own files): the world's image batches resume exactly, arguments are checked, the table
+and plot show every arm and K, and the Colab notebook passes arguments the script accepts."""
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(scope='module')
+def ablation(repo):
+    spec = importlib.util.spec_from_file_location('retrieval_ablation', os.path.join(repo, 'experiments',
+                                                                                     'retrieval_ablation.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_world_images_are_the_worlds_scenes_and_resume(ablation):
+    from cm3jax.data.worlds import shapes, shapes_judge
+    data = ablation.world_images(4, seed=3)
+    first, second = next(data), next(data)
+    assert first['images'].shape == (4, 16, 16, 3) and first['images'].dtype == np.uint8
+    assert not np.array_equal(first['images'], second['images'])
+    again = ablation.world_images(4, seed=3)
+    again.set_state({'index': 1})
+    np.testing.assert_array_equal(next(again)['images'], second['images'])
+    world = shapes.ShapesConfig(**ablation.WORLD)
+    assert all(len(shapes_judge.parse(im, world)) == 1 for im in first['images'])  # one object each
+
+
+def test_arguments_are_checked(ablation):
+    args = ablation.parse_args(['--workdir=/tmp/x', '--prompts=8', '--eval_docs=16'])
+    assert args.retrieved == '2' and args.ks == '0,1,2'
+    with pytest.raises(SystemExit):
+        ablation.parse_args(['--prompts=64', '--eval_docs=32'])
+
+
+def test_table_and_plot_show_every_arm_and_k(ablation, tmp_path):
+    args = ablation.parse_args([])
+    results = {'ks': [0, 1, 2], 'prompts': 128, 'vq_ceiling': 0.9,
+               'arms': {arm: {'loss': {k: 1.5 - 0.1 * k - 0.2 * j for k in range(3)},
+                              'exact': {k: 0.1 * k + 0.3 * j for k in range(3)}, 'attr': {}}
+                        for j, arm in enumerate(('none', 'ra'))}}
+    md = ablation.table(results, args)
+    rows = [line for line in md.splitlines() if line.startswith('| with')]
+    assert len(rows) == 2 and rows[1].startswith('| with retrieval (K in {2})')
+    assert rows[1].split(' | ')[1:] == ['1.300', '1.200', '1.100', '0.300', '0.400', '0.500 |']
+    assert 'ceiling): judge exact 0.900' in md
+    ablation.plot(results, tmp_path / 'plot.png')
+    image = np.asarray(Image.open(tmp_path / 'plot.png'))
+    assert image.shape[1] == 720 and (image == [40, 110, 200]).all(-1).sum() > 1000  # the RA bars are drawn
+
+
+def test_the_colab_notebook_runs_the_script_with_valid_arguments(ablation, repo):
+    with open(os.path.join(repo, 'colab', 'retrieval_ablation.ipynb')) as f:
+        notebook = json.load(f)
+    sources = [''.join(c['source']) for c in notebook['cells'] if c['cell_type'] == 'code']
+    for source in sources:
+        compile(source, 'notebook cell', 'exec')
+    (run,) = [s for s in sources if 'retrieval_ablation.py' in s]
+    scope = {'sys': None, 'subprocess': None}
+    exec(run.split('\nsubprocess.run')[0], scope)  # WORKDIR and ARGS
+    args = ablation.parse_args(scope['ARGS'])
+    assert args.workdir == scope['WORKDIR']
+
+
+def test_a_stopped_trainer_is_not_marked_done(ablation, tmp_path, monkeypatch):
+    """SIGTERM makes the trainers save and return normally: the stage must not count as done."""
+    (tmp_path / 'vq' / 'checkpoints' / '200').mkdir(parents=True)
+    monkeypatch.setattr(ablation, 'train_vq', lambda args, workdir: None)  # the "trainer" stopped at step 200
+    with pytest.raises(SystemExit, match='stopped at step 200 of 600; run the same command again'):
+        ablation.main([f'--workdir={tmp_path}'])
+    assert not (tmp_path / 'vq' / '.done').exists()
+    assert ablation.steps_saved(tmp_path / 'vq') == 200 and ablation.steps_saved(tmp_path / 'none') == 0
