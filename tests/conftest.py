@@ -15,8 +15,9 @@ import pytest  # noqa: E402
 # The longest tests go first, so that under `pytest -n 2` one worker starts them while the other
 # works through the rest, instead of one of them starting last. (`make test` runs xdist with
 # --dist loadgroup: a module whose tests share an expensive module fixture marks itself
-# `pytest.mark.xdist_group`, so the fixture is built on one worker, once.)
-FIRST = ('test_tiny_tokenizer_reaches_30db', 'test_tiny_retriever_learns', 'test_load_retriever_rebuilds')
+# `pytest.mark.xdist_group`, so the fixture is built on one worker, once. Tests moved here must
+# not share a module fixture: xdist built such a fixture once per test after the move.)
+FIRST = ('test_tiny_tokenizer_reaches_30db', 'test_tiny_retriever_learns')
 
 
 def pytest_collection_modifyitems(config, items):
