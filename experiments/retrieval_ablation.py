@@ -18,8 +18,8 @@ canvas, so an image is 8x8 = 64 codes and the whole run fits a laptop CPU):
      inference (`cm3jax.retrieval.inference.retrieve`), judged by the Shapes judge (exact: every
      stated shape, colour and size right, nothing extra).
 
-Writes ``results.json``, ``results.md`` (the table) and ``results.png`` (the plot) in the
-workdir. Stages whose output exists are skipped, so an interrupted run continues where it was;
+Writes ``results.json``, ``results.md`` (the table), ``results.png`` (the plot) and
+``samples.npz`` (every sampled image) in the workdir. Stages whose output exists are skipped, so an interrupted run continues where it was;
 ``--fresh`` starts over. The VQ round trip of the same validation images is judged too: it is
 the ceiling any LM can reach through this tokenizer.
 """
@@ -39,11 +39,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # configs/ is imported as a package from the repository root
 
 WORLD = {'canvas': 16, 'min_objects': 1, 'max_objects': 1}  # cm3jax.data.worlds.shapes.ShapesConfig
-ARMS = {'none': '', 'ra': None}  # the LM arms: no retrieval, and --retrieved
 # TOY_CAPS: the paper's 0.9 caps drop near-duplicates of real CLIP ViT-B/32 embeddings of web
 # documents. The tiny CLIP puts every Shapes document of one caption within cosine ~0.999 of that
-# caption and of each other (the world has 30-odd captions), so any cap below 1 removes exactly the
-# relevant documents; the default turns the caps off (self-exclusion and query dropout stay).
+# caption and of each other, so any cap below 1 removes exactly the relevant documents; the
+# default turns the caps off (self-exclusion and query dropout stay).
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -226,6 +225,11 @@ def vq_ceiling(out: pathlib.Path, docs) -> float:
     return shapes_judge.mean_scores([shapes_judge.score(im, d.texts[0], world) for im, d in zip(recon, docs)])['exact']
 
 
+def arms(args) -> dict[str, str]:
+    """The two LMs: name -> their data.retrieved ('' = no retrieval)."""
+    return {'none': '', 'ra': args.retrieved}
+
+
 def evaluate(args, out: pathlib.Path) -> dict:
     from cm3jax.data.sources import make_source
     from cm3jax.retrieval import load as retrieval_load
@@ -238,7 +242,7 @@ def evaluate(args, out: pathlib.Path) -> dict:
     retriever = retrieval_load.load_retriever(out / 'retriever')
     results = {'ks': ks, 'prompts': len(prompts), 'vq_ceiling': vq_ceiling(out, docs), 'arms': {}}
     samples = {}
-    for arm in ARMS:
+    for arm in arms(args):
         gen, mesh, rules = load.load_generator(out / f'lm_{arm}')
         row = results['arms'][arm] = {'loss': {}, 'exact': {}, 'attr': {}}
         for k in ks:
@@ -313,7 +317,6 @@ def main(argv=None) -> dict:
     if args.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    ARMS['ra'] = args.retrieved
     begin = time.perf_counter()
 
     def stage(name: str, done: pathlib.Path, fn, *fn_args, steps: int = 0) -> None:
@@ -336,7 +339,7 @@ def main(argv=None) -> dict:
           steps=args.retriever_steps)
     stage('build-index', out / 'data' / '.index_done', lambda: say(f'  {build_index(args, out)}'))
     from cm3jax import pretrain
-    for arm, retrieved in ARMS.items():
+    for arm, retrieved in arms(args).items():
         stage(f'LM {arm}', out / f'lm_{arm}' / '.done', pretrain.train, lm_config(args, out, retrieved),
               str(out / f'lm_{arm}'), steps=args.lm_steps)
     say('evaluation ...')
