@@ -278,7 +278,7 @@ def table(results: dict, args) -> str:
 def plot(results: dict, path: pathlib.Path) -> None:
     """Two bar panels (query loss, judge exact) with a bar per (arm, K), drawn with PIL."""
     from PIL import Image, ImageDraw
-    ks, arms = results['ks'], list(results['arms'])
+    ks, names = results['ks'], list(results['arms'])
     colours = {'none': (120, 120, 120), 'ra': (40, 110, 200)}
     w, h, pad = 360, 260, 40
     img = Image.new('RGB', (2 * w, h + 30), 'white')
@@ -291,15 +291,15 @@ def plot(results: dict, path: pathlib.Path) -> None:
         draw.line([(x0 + pad, h - pad), (x0 + w - 10, h - pad)], fill='black')
         slot = (w - pad - 10) / len(ks)
         for i, k in enumerate(ks):
-            for j, arm in enumerate(arms):
+            for j, arm in enumerate(names):
                 v = results['arms'][arm][metric][k]
-                left = x0 + pad + i * slot + 8 + j * (slot - 16) / len(arms)
-                right = left + (slot - 16) / len(arms) - 4
+                left = x0 + pad + i * slot + 8 + j * (slot - 16) / len(names)
+                right = left + (slot - 16) / len(names) - 4
                 y = h - pad - (h - 2 * pad) * v / top
                 draw.rectangle([left, y, right, h - pad], fill=colours[arm])
                 draw.text((left, y - 12), f'{v:.2f}', fill='black')
             draw.text((x0 + pad + i * slot + slot / 2 - 10, h - pad + 6), f'K={k}', fill='black')
-    for j, arm in enumerate(arms):
+    for j, arm in enumerate(names):
         draw.rectangle([pad + 200 * j, h + 10, pad + 200 * j + 12, h + 22], fill=colours[arm])
         draw.text((pad + 200 * j + 18, h + 10), f'LM {"without" if arm == "none" else "with"} retrieval', fill='black')
     img.save(path)
