@@ -7,7 +7,8 @@ setup(
     long_description=open('README.md').read(),
     long_description_content_type='text/markdown',
     python_requires='>=3.10',
-    packages=find_packages(include=['cm3jax', 'cm3jax.*']),
+    # configs/ installs as the top-level package `configs`: the presets work from any directory
+    packages=find_packages(include=['cm3jax', 'cm3jax.*', 'configs']),
     install_requires=[
         'jax==0.10.2',
         'jaxlib==0.10.2',

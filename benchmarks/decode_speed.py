@@ -40,7 +40,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from cm3jax import configuration, parallel  # noqa: E402
+from cm3jax import parallel  # noqa: E402
+from cm3jax.lm import config as lm_config  # noqa: E402
 from cm3jax.convert import chameleon as convert  # noqa: E402
 from cm3jax.model import transformer  # noqa: E402
 from cm3jax.sample import decode as dec, logits as lp  # noqa: E402
@@ -77,7 +78,7 @@ def cm3jax_model(hf) -> tuple[transformer.Transformer, dict]:
     config = lm.get_config('tiny,chameleon')
     config.model.update(convert.model_fields_from_hf_config(hf.config))
     mesh = parallel.create_mesh((1, 1, 1), devices=jax.devices()[:1])
-    cfg = configuration.transformer_config(config, mesh, parallel.rules_from_config(config))
+    cfg = lm_config.transformer_config(config, mesh, parallel.rules_from_config(config))
     weights = {k: v.float().numpy() for k, v in hf.state_dict().items() if not k.startswith('model.vqmodel.')}
     return transformer.Transformer(cfg), jax.device_put(convert.from_hf(weights, cfg))
 

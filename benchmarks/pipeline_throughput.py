@@ -1,4 +1,4 @@
-"""Data-pipeline speed against the train step it feeds (DESIGN.md: producing data must not cost
+"""Data-pipeline speed against the train step it feeds (docs/architecture.md: producing data must not cost
 more than the step).
 
 Prepares Shapes documents with a tiny random VQ tokenizer, then times, in one run on the same
@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from cm3jax import configuration, parallel, pretrain, text_tokenizer  # noqa: E402
+from cm3jax import parallel, text_tokenizer  # noqa: E402
+from cm3jax.lm import config as lm_config, task as lm_task  # noqa: E402
 from cm3jax.data import pipeline, prepare, sources  # noqa: E402
 from cm3jax.model import transformer  # noqa: E402
 from cm3jax.train import optim, state as state_lib, step as step_lib  # noqa: E402
@@ -59,13 +60,13 @@ def main():
     config.model.vocab_size = vocab.size
     mesh = parallel.create_mesh((1, 1, 1), devices=jax.devices()[:1])
     rules = parallel.rules_from_config(config)
-    model = transformer.Transformer(configuration.transformer_config(config, mesh, rules))
+    model = transformer.Transformer(lm_config.transformer_config(config, mesh, rules))
     optimizer = optim.make_optimizer(optim.OptimConfig.from_config(config.optim, 1000))
     init_fn = lambda rng, x: model.init(rng, x)['params']
     args_init = (jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
     target = state_lib.abstract_state(init_fn, optimizer, mesh, rules, *args_init)
     state = state_lib.init_state(init_fn, optimizer, mesh, rules, *args_init)
-    loss_fn = pretrain.lm_loss_fn(model)
+    loss_fn = lm_task.lm_loss_fn(model)
     train_step = step_lib.jit_train_step(step_lib.make_train_step(loss_fn, optimizer),
                                          state_lib.shardings_of(target),
                                          parallel.logical_sharding(mesh, rules, ('act_batch', 'act_len')))

@@ -27,7 +27,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cm3jax import configuration, parallel, pretrain  # noqa: E402
+from cm3jax import parallel  # noqa: E402
+from cm3jax.lm import config as lm_config, task as lm_task  # noqa: E402
 from cm3jax.model import transformer  # noqa: E402
 from cm3jax.train import metrics, optim, state as state_lib, step as step_lib  # noqa: E402
 from configs import lm  # noqa: E402
@@ -55,9 +56,9 @@ def main():
                         remat=args.remat, scan_layers=bool(args.scan_layers), attention=args.attention)
     config.mesh.ici = (1, 1, 1)
     mesh = parallel.create_mesh((1, 1, 1), devices=jax.devices()[:1])
-    configuration.validate(config, num_devices=1)
+    lm_config.validate(config, num_devices=1)
     rules = parallel.DEFAULT_RULES
-    cfg = configuration.transformer_config(config, mesh, rules)
+    cfg = lm_config.transformer_config(config, mesh, rules)
     model = transformer.Transformer(cfg)
     opt = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-4, warmup_steps=10, decay_steps=1000))
     init_fn = lambda rng, x: model.init(rng, x)['params']
@@ -70,7 +71,7 @@ def main():
     batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}
     batch_sharding = parallel.logical_sharding(mesh, rules, ('act_batch', 'act_len'))
     batch = jax.device_put(batch, batch_sharding)
-    step = step_lib.jit_train_step(step_lib.make_train_step(pretrain.lm_loss_fn(model), opt),
+    step = step_lib.jit_train_step(step_lib.make_train_step(lm_task.lm_loss_fn(model), opt),
                                    state_lib.shardings_of(target), batch_sharding)
     # the peak is taken before and after the steps, best of both: a conservative MFU on a shared machine
     peak = metrics.measure_matmul_flops(dtype=jnp.dtype(args.dtype), seconds=2.0)
@@ -85,7 +86,7 @@ def main():
     step_s = float(np.median(times))
 
     peak = max(peak, metrics.measure_matmul_flops(dtype=jnp.dtype(args.dtype), seconds=2.0))
-    flops_per_token = pretrain.flops_per_token(cfg, args.seq)
+    flops_per_token = lm_task.flops_per_token(cfg, args.seq)
     tokens_per_s = args.batch * args.seq / step_s
     print(json.dumps({
         'benchmark': 'train_throughput', 'params': n_params, 'layers': args.layers, 'd_model': args.d_model,

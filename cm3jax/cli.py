@@ -1,9 +1,13 @@
 """The ``cm3jax`` command: ``cm3jax COMMAND --config=configs/lm.py:PRESET [--config.FIELD=VALUE ...]``.
 
+``--config=configs/NAME.py:PRESET`` names a file; when no such file is under the current
+directory, the presets installed with cm3jax are used, so the same line works anywhere.
+
 Commands:
-  train        train the language model in --workdir (resumes there; --init_from=DIR to fine-tune)
-  train-tokenizer  train the VQ-GAN image tokenizer (--config=configs/vq.py:tiny) in --workdir
-  train-retriever  train the CLIP retriever (--config=configs/clip.py:tiny) in --workdir
+  train        train what the config's ``task`` names (lm, vq, retriever) in --workdir (resumes
+               there; --init_from=DIR to start from another run's params)
+  train-tokenizer  the same, for a tokenizer config (--config=configs/vq.py:tiny)
+  train-retriever  the same, for a retriever config (--config=configs/clip.py:tiny)
   prepare      documents -> token shards (--config=configs/data.py:shapes --config.out=DIR --config.vq_workdir=DIR)
   build-index  embed --data's documents with --retriever into a memory bank and write every document's
                neighbour list next to its shards (--queries=EVAL_DIR for held-out data, --top_m)
@@ -17,19 +21,21 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pathlib
 import sys
 
+import configs
 from absl import app, flags
 from ml_collections import config_flags
 
-_REPO_CONFIG = pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'lm.py'
+PRESETS = pathlib.Path(configs.__file__).resolve().parent  # the configs/ installed with cm3jax
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', f'{_REPO_CONFIG}:tiny', 'A config file and its preset, e.g. configs/lm.py:tiny.',
+    'config', f'{PRESETS / "lm.py"}:tiny', 'A config file and its preset, e.g. configs/lm.py:tiny.',
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'train: directory for checkpoints, metrics and TensorBoard logs.')
 _INIT_FROM = flags.DEFINE_string('init_from', None, 'train: start from the params of the latest checkpoint in '
-                                 'this workdir, with a fresh optimizer (fine-tuning).')
+                                 'this workdir (or weights the task reads), with a fresh optimizer.')
 _PROMPT = flags.DEFINE_multi_string('prompt', None, 'sample: a caption to draw (repeat for several).')
 _NUM = flags.DEFINE_integer('num', 4, 'sample: images per prompt.')
 _CFG = flags.DEFINE_float('cfg', 3.0, 'sample: classifier-free guidance scale (1 = off).')
@@ -49,53 +55,29 @@ _QUERIES = flags.DEFINE_multi_string('queries', [], 'build-index: held-out prepa
 _TOP_M = flags.DEFINE_integer('top_m', 8, 'build-index: neighbours kept per document.')
 
 
-def _train(config) -> None:
-    if not _WORKDIR.value:
-        raise app.UsageError('cm3jax train needs --workdir=DIR (checkpoints and metrics go there)')
-    from cm3jax import pretrain
-    pretrain.train(config, _WORKDIR.value, _INIT_FROM.value)
+# A command that trains one kind of model refuses a config of another, saying which config it wants.
+TRAIN_COMMANDS = {'train': None, 'train-tokenizer': ('vq', 'a tokenizer config, e.g. --config=configs/vq.py:tiny'),
+                  'train-retriever': ('retriever', 'a retriever config, e.g. --config=configs/clip.py:tiny')}
 
 
-def _train_tokenizer(config) -> None:
-    if not _WORKDIR.value:
-        raise app.UsageError('cm3jax train-tokenizer needs --workdir=DIR (checkpoints, metrics and images go there)')
-    if 'quantizer' not in config:
-        raise app.UsageError('cm3jax train-tokenizer needs a tokenizer config, e.g. --config=configs/vq.py:tiny')
-    import jax
-    from cm3jax import parallel
-    from cm3jax.data.synthetic import ShapeImages
-    from cm3jax.vq import train
-    if config.data.source != 'shapes':
-        raise app.UsageError(f'data.source={config.data.source!r} is unknown; the one image source so far is "shapes"')
-    parallel.maybe_initialize_distributed()  # before the data source asks which process it is
-    t, res = config.train, config.model.resolution
-    data = ShapeImages(t.batch, res, config.seed, jax.process_index(), jax.process_count())
-
-    def held_out():  # the same images at every eval: another seed's stream from its start
-        images = ShapeImages(t.batch, res, config.seed + 10_000)
-        return (next(images) for _ in range(t.eval_batches))
-
-    train.train(config, _WORKDIR.value, data, held_out)
-
-
-def _train_retriever(config) -> None:
-    if not _WORKDIR.value:
-        raise app.UsageError('cm3jax train-retriever needs --workdir=DIR (checkpoints, metrics and the tokenizer '
-                             'go there)')
-    if 'tokenizer' not in config or 'vision_layers' not in config.get('model', {}):
-        raise app.UsageError('cm3jax train-retriever needs a retriever config, e.g. --config=configs/clip.py:tiny')
-    from cm3jax.retrieval import train
-    train.train(config, _WORKDIR.value)
+def _trainer(command: str):
+    def train(config) -> None:
+        if not _WORKDIR.value:
+            raise app.UsageError(f'cm3jax {command} needs --workdir=DIR (checkpoints and metrics go there)')
+        wanted = TRAIN_COMMANDS[command]
+        if wanted and config.get('task') != wanted[0]:
+            raise app.UsageError(f'cm3jax {command} needs {wanted[1]}; this config\'s task is '
+                                 f'{config.get("task")!r} (cm3jax train trains any task)')
+        from cm3jax import trainers
+        trainers.train(config, _WORKDIR.value, _INIT_FROM.value)
+    return train
 
 
 def _prepare(config) -> None:
-    if 'vq_workdir' not in config:
+    if config.get('task') != 'prepare':
         raise app.UsageError('cm3jax prepare needs a data config, e.g. --config=configs/data.py:shapes')
     from cm3jax.data import prepare
-    try:
-        prepare.run(config)
-    except (ValueError, FileNotFoundError) as e:
-        raise app.UsageError(str(e)) from e
+    prepare.run(config)
 
 
 def _sample(config) -> None:
@@ -151,22 +133,24 @@ def _quickstart(config) -> None:
 
 
 def _show_config(config) -> None:
-    if 'vq_workdir' in config:  # a data config (configs/data.py)
-        print(config)
-        return
-    if 'quantizer' in config:  # a tokenizer config (configs/vq.py)
-        from cm3jax.vq.train import vq_config
+    """Validate what can be checked without building anything, then print."""
+    task = config.get('task')
+    if task == 'lm':
+        from cm3jax.lm import config as lm_config
+        lm_config.validate(config)
+    elif task == 'vq':
+        from cm3jax.vq.train import ema_settings, vq_config
         vq_config(config)
-        print(config)
-        return
-    from cm3jax import configuration
-    print(configuration.validate(config))
+        ema_settings(config.quantizer)
+    elif task != 'prepare':
+        from cm3jax import trainers
+        trainers.task_of(config)  # an unknown task: the error lists them
+    print(config)
 
 
-COMMANDS = {'train': _train, 'train-tokenizer': _train_tokenizer, 'train-retriever': _train_retriever,
-            'prepare': _prepare, 'build-index': _build_index, 'sample': _sample,
-            'quickstart': _quickstart,
-            'config': _show_config}
+COMMANDS = {'train': _trainer('train'), 'train-tokenizer': _trainer('train-tokenizer'),
+            'train-retriever': _trainer('train-retriever'), 'prepare': _prepare, 'build-index': _build_index,
+            'sample': _sample, 'quickstart': _quickstart, 'config': _show_config}
 
 
 def main(argv: list[str]) -> None:
@@ -176,9 +160,39 @@ def main(argv: list[str]) -> None:
     # absl shows INFO; JAX's backend probing ("Unable to initialize backend 'tpu'") is noise here
     logging.getLogger('jax').setLevel(logging.WARNING)
     logging.getLogger('absl').setLevel(logging.WARNING)  # orbax logs every save step by step at INFO
-    COMMANDS[argv[1]](_CONFIG.value)
+    try:
+        COMMANDS[argv[1]](_CONFIG.value)
+    except (ValueError, FileNotFoundError) as e:  # bad input: one line saying what to change
+        if os.environ.get('CM3JAX_TRACEBACK'):
+            raise
+        print(f'cm3jax {argv[1]}: error: {e}\n(set CM3JAX_TRACEBACK=1 to see where it was raised)', file=sys.stderr)
+        sys.exit(1)
+
+
+def resolve_config_flag(argv: list[str], cwd: str | None = None) -> list[str]:
+    """``--config=configs/X.py[:ARG]`` -> the installed preset file when ``configs/X.py`` is not
+    under ``cwd`` (so commands copied from the docs work from any directory)."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == '--config' and i + 1 < len(argv):  # the two-word form
+            out += [arg, _resolve(argv[i + 1], cwd)]
+            i += 2
+            continue
+        out.append('--config=' + _resolve(arg[len('--config='):], cwd) if arg.startswith('--config=') else arg)
+        i += 1
+    return out
+
+
+def _resolve(spec: str, cwd: str | None) -> str:
+    path, sep, preset = spec.partition(':')
+    local = pathlib.Path(cwd or os.getcwd()) / path
+    parts = pathlib.PurePath(path).parts
+    if local.exists() or len(parts) != 2 or parts[0] != 'configs' or not (PRESETS / parts[1]).exists():
+        return spec
+    return f'{PRESETS / parts[1]}{sep}{preset}'
 
 
 def run() -> None:
     """Console-script entry point."""
-    app.run(main, argv=sys.argv)
+    app.run(main, argv=resolve_config_flag(sys.argv))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -145,19 +145,6 @@ def padded_vocab_size(vocab_size: int, mesh: Mesh, rules: Rules, multiple: int =
 def logical_sharding(mesh: Mesh, rules: Rules, names: Sequence[str | None]) -> NamedSharding:
     """NamedSharding for an array whose axes have these logical names."""
     return NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(names), rules))
-
-
-def init_sharded(init_fn: Callable, mesh: Mesh, rules: Rules, *args) -> tuple[Any, Any]:
-    """Create parameters already sharded: no host ever holds a full copy.
-
-    ``init_fn(*args)`` returns a variables pytree with logically-partitioned leaves (e.g.
-    ``model.init``). Returns (unboxed variables, their NamedShardings).
-    """
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        abstract = jax.eval_shape(init_fn, *args)
-        shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
-        variables = jax.jit(init_fn, out_shardings=shardings)(*args)
-    return nn.unbox(variables), shardings
 
 
 def check_sharding(params, *, min_size: int = 2**20, max_replicated_fraction: float = 0.1) -> float:

@@ -19,7 +19,9 @@ import flax.linen as nn
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from cm3jax import configuration, parallel
+from cm3jax import parallel
+from cm3jax.errors import ConfigError
+from cm3jax.lm import config as configuration
 from cm3jax.model import transformer
 from cm3jax.train import optim, state as state_lib, step as step_lib
 from cm3jax.train.loss import token_stats
@@ -31,7 +33,7 @@ def run(config) -> dict[str, float]:
     configuration.validate(config)
     q = config.quickstart
     if q.seq_len > config.model.max_len:
-        raise configuration.ConfigError(f'quickstart.seq_len={q.seq_len} exceeds model.max_len={config.model.max_len}')
+        raise ConfigError(f'quickstart.seq_len={q.seq_len} exceeds model.max_len={config.model.max_len}')
     mesh = parallel.mesh_from_config(config.mesh)
     rules = parallel.rules_from_config(config)
     cfg = configuration.transformer_config(config, mesh, rules)
@@ -39,7 +41,7 @@ def run(config) -> dict[str, float]:
     say = print if jax.process_index() == 0 else (lambda *a, **k: None)
     shards = parallel.axis_size(mesh, rules, 'act_batch')
     if q.batch % shards or q.batch % jax.process_count():
-        raise configuration.ConfigError(f'quickstart.batch={q.batch} must be a multiple of the {shards} batch shards '
+        raise ConfigError(f'quickstart.batch={q.batch} must be a multiple of the {shards} batch shards '
                                         f'and of the {jax.process_count()} processes')
 
     say(f'devices: {jax.device_count()} x {jax.devices()[0].platform}; mesh {dict(mesh.shape)}')

@@ -1,15 +1,16 @@
-"""CLIP retriever configs for `cm3jax train-retriever` (PAPER.md section 3: the frozen bi-encoder
-that retrieval augmentation searches with, and the CLIP score that re-ranks samples).
+"""CLIP retriever configs (``task='retriever'``) for `cm3jax train` (docs/paper.md, "Retrieval
+augmentation": the frozen bi-encoder that retrieval augmentation searches with, and the CLIP
+score that re-ranks samples).
 
 ``get_config(arg)`` presets and their launch commands:
 
   tiny     a small ViT (patch 4) + text transformer for 32x32 Shapes scenes of 1-2 objects, with a
            BPE trained on the captions; reaches held-out text->image recall@1 above 0.8 in 1200
            steps, about five minutes on a 2-core CPU (tests/test_retriever_learns.py).
-           cm3jax train-retriever --config=configs/clip.py:tiny --workdir=/tmp/clip_tiny
+           cm3jax train --config=configs/clip.py:tiny --workdir=/tmp/clip_tiny
   vit_b32  OpenAI's ViT-B/32 shapes (224x224, 77 tokens), with OpenAI's tokenizer.json; give
            ``init_from`` a directory of converted HF weights to fine-tune them:
-           cm3jax train-retriever --config=configs/clip.py:vit_b32 --workdir=DIR
+           cm3jax train --config=configs/clip.py:vit_b32 --workdir=DIR
                --config.init_from=/data/clip-vit-base-patch32
                --config.data.source.kind=folder --config.data.source.root=PHOTOS
            (the tokenizer then defaults to init_from/tokenizer.json).
@@ -30,8 +31,9 @@ def get_config(arg: str = 'tiny') -> ConfigDict:
         raise ValueError(f'unknown preset {arg!r} in configs/clip.py:{arg}; choose from tiny, vit_b32')
     tiny = arg == 'tiny'
     config = ConfigDict()
+    config.task = 'retriever'  # cm3jax.trainers: which Task trains this config
     config.seed = 0
-    config.init_from = ''  # a train-retriever workdir or HF CLIP weights to start from (fresh optimizer)
+    config.init_from = ''  # a retriever workdir or HF CLIP weights to start from (fresh optimizer)
     # cm3jax.retrieval.clip.ClipConfig fields; vocab_size, eos_token_id and pooling come from the
     # text tokenizer (cm3jax.retrieval.load.clip_config). vocab_multiple pads the embedding table.
     if tiny:

@@ -9,8 +9,8 @@
   digits   sklearn's handwritten digits, captioned ("a handwritten digit seven"), 32x32
   folder   an image folder + captions.jsonl: --config.source.root=DIR --config.source.resize=256
 
-Then train on them: cm3jax train --config=configs/lm.py:tiny --config.data.source=prepared
---config.data.dir=DATA_DIR --config.model.vocab_size=<printed by prepare>.
+Then train on them: cm3jax train --config=configs/lm.py:tiny --config.data.dir=DATA_DIR
+--config.model.vocab_size=<printed by prepare>.
 """
 
 from ml_collections import ConfigDict
@@ -26,6 +26,7 @@ def get_config(arg: str = 'shapes') -> ConfigDict:
     if arg not in SOURCES:
         raise ValueError(f'unknown preset {arg!r} in configs/data.py:{arg}; choose from {sorted(SOURCES)}')
     config = ConfigDict()
+    config.task = 'prepare'  # not a trainer: `cm3jax prepare` runs it
     config.source = ConfigDict(SOURCES[arg])  # cm3jax.data.sources.make_source
     config.out = ''                           # where shards, manifest.json and tokenizer.json go
     config.vq_workdir = ''                    # a `cm3jax train-tokenizer` workdir

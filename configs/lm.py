@@ -1,4 +1,4 @@
-"""Language-model configs: CM3leon sizes from PAPER.md section 4, and Chameleon's switches.
+"""Language-model configs (``task='lm'``): CM3leon sizes (docs/paper.md, "Model"), and Chameleon's switches.
 
 ``get_config(arg)``: ``arg`` is a size preset, optionally followed by ``,chameleon`` to turn
 on Chameleon's architecture switches at that size (``tiny,chameleon``).
@@ -19,7 +19,7 @@ Presets and their launch commands (override any field with ``--config.FIELD=VALU
 
 from ml_collections import ConfigDict
 
-# CM3leon's joint vocabulary: 56,320 text ids (PAPER.md section 1) plus 8,192 image codes.
+# CM3leon's joint vocabulary: 56,320 text ids (docs/paper.md, "Tokenizers") plus 8,192 image codes.
 CM3LEON_VOCAB = 56_320 + 8_192
 CHAMELEON_VOCAB = 65_536  # BPE that already holds the 8,192 image codes
 PEAK_LR = {'cm3leon_350m': 6e-4, 'cm3leon_760m': 5e-4, 'cm3leon_7b': 1.2e-4, 'chameleon': 1.2e-4}
@@ -43,6 +43,7 @@ def get_config(arg: str = 'tiny') -> ConfigDict:
     layers, d_model, heads = SIZES[size]
 
     config = ConfigDict()
+    config.task = 'lm'  # cm3jax.trainers: which Task trains this config
     config.seed = 0
     config.model = m = ConfigDict()
     m.vocab_size = 512 if size == 'tiny' else CM3LEON_VOCAB
@@ -76,7 +77,7 @@ def get_config(arg: str = 'tiny') -> ConfigDict:
     config.mesh = ConfigDict({'ici': (1, -1, 1), 'dcn': (1, 1, 1)})  # ('data', 'fsdp', 'tensor')
     config.sharding = ConfigDict({'rules': ()})  # () = cm3jax.parallel.DEFAULT_RULES
 
-    # AdamW and the schedule (PAPER.md section 4; `cm3jax.train.optim.OptimConfig`).
+    # AdamW and the schedule (docs/paper.md, "Training"; `cm3jax.train.optim.OptimConfig`).
     config.optim = ConfigDict({
         'learning_rate': 3e-3 if size == 'tiny' else PEAK_LR.get(size, 3e-4),
         'warmup_steps': 50 if size == 'tiny' else 1500,
@@ -87,7 +88,7 @@ def get_config(arg: str = 'tiny') -> ConfigDict:
         'weight_decay': 0.1,      # matrices only
         'grad_clip': 1.0,
     })
-    # `cm3jax train`: steps, global batch, checkpoints, logging (cm3jax.pretrain).
+    # `cm3jax train`: steps, global batch, checkpoints, logging (cm3jax.train.run).
     config.train = ConfigDict({
         'steps': 300 if size == 'tiny' else 100_000,
         'batch': 16 if size == 'tiny' else 2048,  # global rows per step (paper: 8M tokens)
@@ -105,18 +106,18 @@ def get_config(arg: str = 'tiny') -> ConfigDict:
         'peak_flops': 0.0,        # MFU's peak per device (CPU: per process); 0 = datasheet, else measured
         'progress': True,
     })
-    # Training data. 'synthetic': copy / reverse / sort / add digit strings (cm3jax.data.synthetic).
-    # 'prepared': shards written by `cm3jax prepare` in `dir` (held-out ones in `eval_dir`), laid out
-    # and CM3-masked on the fly (cm3jax.data.pipeline; PAPER.md sections 1-2).
+    # Training data: shards written by `cm3jax prepare` in `dir` (held-out ones in `eval_dir`), laid
+    # out and CM3-masked on the fly (cm3jax.data.pipeline; docs/paper.md, "The CM3 objective"); with
+    # `dir` empty, the synthetic copy / reverse / sort / add task of `tasks` (cm3jax.data.synthetic).
     config.data = ConfigDict({
-        'source': 'synthetic', 'tasks': 'copy,reverse,sort,add', 'min_len': 2, 'max_len': 8,
         'dir': '', 'eval_dir': '',
+        'tasks': 'copy,reverse,sort,add', 'min_len': 2, 'max_len': 8,
         'text_first': 0.5,        # caption-then-image (text-to-image) order, else image first
         'caption_dropout': 0.0,   # text -> <mask>; CFG's default unconditional prompt <mask:0> needs none
         'cm3_rate': 1.0,          # spans ~ Poisson(rate), clamped to [min, max] (0 = plain causal)
         'cm3_min_spans': 0,
         'cm3_max_spans': 8,       # at most the vocab's sentinels (cm3jax prepare: vocab.num_sentinels)
-        # Retrieval augmentation (PAPER.md section 3): K retrieved documents before each query, K drawn
+        # Retrieval augmentation (docs/paper.md, "Retrieval augmentation"): K retrieved documents before each query, K drawn
         # from these counts ('2': CM3leon; '0,1,2': RA-CM3; '' = off), picked from the neighbour lists
         # that `cm3jax build-index` wrote in `dir` (and `eval_dir`); retrieved documents come from `dir`.
         'retrieved': '',
@@ -134,7 +135,7 @@ def get_config(arg: str = 'tiny') -> ConfigDict:
 
 
 def apply_chameleon(config: ConfigDict, full_size: bool) -> None:
-    """Chameleon's stability changes (PAPER.md section 4); swin-norm stays off as at 7B."""
+    """Chameleon's stability changes (docs/paper.md, "Chameleon"); swin-norm stays off as at 7B."""
     m = config.model
     m.norm = 'rmsnorm'
     m.norm_params = True

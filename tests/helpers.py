@@ -5,7 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from cm3jax import configuration, parallel
+from cm3jax import params as params_lib, parallel
+from cm3jax.lm import config as lm_config
 from cm3jax.model import transformer
 from configs import lm
 
@@ -20,9 +21,9 @@ def build(config, mesh=None):
     """(model, params, mesh, rules) for a config; params created sharded on ``mesh``."""
     mesh = mesh or parallel.create_mesh((1, 1, 1), devices=jax.devices()[:1])
     rules = parallel.rules_from_config(config)
-    cfg = configuration.transformer_config(config, mesh, rules)
+    cfg = lm_config.transformer_config(config, mesh, rules)
     model = transformer.Transformer(cfg)
-    variables, _ = parallel.init_sharded(model.init, mesh, rules, jax.random.key(0), jnp.zeros((2, 8), jnp.int32))
+    variables, _ = params_lib.init_sharded(model.init, mesh, rules, jax.random.key(0), jnp.zeros((2, 8), jnp.int32))
     return model, variables['params'], mesh, rules
 
 

@@ -12,12 +12,14 @@ from cm3jax.retrieval import build, clip, index, inference, load, select
 from configs import clip as clip_configs, data as data_configs
 from tests.test_data_end_to_end import random_tokenizer_workdir
 
-pytestmark = pytest.mark.xdist_group('build_index')  # one worker builds the module fixture
+# One worker runs this module and builds the fixture once: session scope, because xdist tore a
+# module-scoped one down between these tests and built it again.
+pytestmark = pytest.mark.xdist_group('build_index')
 
 N = 48
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp('index')
     random_tokenizer_workdir(root / 'vq')

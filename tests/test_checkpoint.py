@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cm3jax import configuration, parallel
+from cm3jax import params as params_lib, parallel
+from cm3jax.lm import config as lm_config
 from cm3jax.model import transformer
 from cm3jax.train import checkpoint, optim, state as state_lib
 from tests.helpers import tiny_config
@@ -16,7 +17,7 @@ OPTIM = optim.OptimConfig(learning_rate=1e-3, warmup_steps=2, decay_steps=10)
 def _abstract(mesh, **model_overrides):
     config = tiny_config('chameleon', **model_overrides)
     rules = parallel.rules_from_config(config)
-    model = transformer.Transformer(configuration.transformer_config(config, mesh, rules))
+    model = transformer.Transformer(lm_config.transformer_config(config, mesh, rules))
     opt = optim.make_optimizer(OPTIM)
     init_fn = lambda rng, x: model.init(rng, x)['params']
     args = (jax.random.key(0), jnp.zeros((2, 8), jnp.int32))
@@ -62,7 +63,7 @@ def test_a_checkpoint_for_another_model_is_refused_naming_the_tensor(tmp_path):
                                                             r"but \(512, 128\) in the model"):
         checkpoint.Checkpointer(tmp_path).restore(wider)
     with pytest.raises(checkpoint.CheckpointMismatch, match='params/embed'):
-        checkpoint.restore_params(tmp_path, wider['params'])
+        params_lib.restore(tmp_path, wider['params'])
 
 
 def test_extra_tensors_are_refused_and_byte_states_round_trip(tmp_path):
@@ -122,11 +123,11 @@ def test_init_from_loads_params_only_with_a_fresh_optimizer(tmp_path):
     mesh = parallel.create_mesh((1, 4, 1), devices=jax.devices()[:4])
     init_fn, opt, rules, args = _abstract(mesh)
     target = state_lib.abstract_state(init_fn, opt, mesh, rules, *args)
-    params = checkpoint.restore_params(tmp_path, target['params'])  # the workdir, not checkpoints/
+    params = params_lib.restore(tmp_path, target['params'])  # the workdir, not checkpoints/
     fresh = state_lib.fresh_optimizer(params, opt, target)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(fresh['params']), jax.device_get(state['params']))
     assert int(fresh['step']) == 0
     mu = fresh['opt'][1].inner_state[0].mu
     assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(mu))
     with pytest.raises(FileNotFoundError, match='holds no checkpoints'):
-        checkpoint.restore_params(tmp_path / 'nowhere', target['params'])
+        params_lib.restore(tmp_path / 'nowhere', target['params'])

@@ -1,7 +1,7 @@
 """The CLIP retriever: parity with transformers' CLIPModel, the converter, the loss and the
 document rule, and a (2, 2, 2) mesh.
 
-The parity reference is a tiny random ``CLIPModel`` (TRAPS.md), built with both of transformers'
+The parity reference is a tiny random ``CLIPModel`` (docs/stack_notes.md, "Parity references"), built with both of transformers'
 text-pooling rules (``eos_token_id == 2``: argmax of the ids; otherwise: the first eos). Its
 biases, norms and class token get noise, since transformers initialises them to 0 / 1 and a
 transposed or misplaced one would otherwise go unseen. Parity tests skip without transformers.
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import flax.linen as nn
 
-from cm3jax import parallel
-from cm3jax.convert import clip as convert
+from cm3jax import params as params_lib, parallel
+from cm3jax.retrieval import hf_clip as convert
 from cm3jax.retrieval import clip
 
 ATOL = 1e-4
@@ -278,7 +278,7 @@ def test_bfloat16_compute_stays_close(tiny_params):
 def test_sharded_init_and_embeddings_match_one_device(tiny_params):
     mesh = parallel.create_mesh((2, 2, 2))
     rules = parallel.DEFAULT_RULES
-    variables, _ = parallel.init_sharded(functools.partial(clip.init_variables, TINY), mesh, rules, jax.random.key(0))
+    variables, _ = params_lib.init_sharded(functools.partial(clip.init_variables, TINY), mesh, rules, jax.random.key(0))
     params = variables['params']
     # sharded draws may fuse the std scaling differently: equal to an ulp, not bitwise
     jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-9), params, tiny_params)

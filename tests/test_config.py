@@ -5,13 +5,14 @@ import sys
 
 import pytest
 
-from cm3jax import configuration
+from cm3jax.errors import ConfigError
+from cm3jax.lm import config as lm_config
 from configs import lm
 
 
 @pytest.mark.parametrize('preset', list(lm.SIZES) + ['tiny,chameleon', 'cm3leon_350m,chameleon'])
 def test_presets_validate(preset):
-    config = configuration.validate(lm.get_config(preset), num_devices=8)
+    config = lm_config.validate(lm.get_config(preset), num_devices=8)
     assert config.model.d_model % config.model.num_heads == 0
 
 
@@ -43,8 +44,8 @@ def test_bad_configs_name_the_field(field, value, message):
     config = lm.get_config('tiny')
     section, name = field.split('.')
     config[section][name] = value
-    with pytest.raises(configuration.ConfigError, match=message):
-        configuration.validate(config, num_devices=8)
+    with pytest.raises(ConfigError, match=message):
+        lm_config.validate(config, num_devices=8)
 
 
 def test_unknown_presets_are_rejected():

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from cm3jax import pretrain
+from cm3jax import trainers
 from cm3jax.data import pipeline, prepare
 from cm3jax.train import checkpoint
 from cm3jax.vocab import Vocab
@@ -60,10 +60,10 @@ def test_shapes_prepare_pipeline_and_fifty_train_steps(tmp_path):
     lm = tiny_config()
     lm.mesh.ici = (2, 2, 2)
     lm.model.vocab_size = vocab.size
-    lm.data.update(source='prepared', dir=str(tmp_path / 'data'))
+    lm.data.update(dir=str(tmp_path / 'data'))
     lm.train.update(steps=50, eval_every=50, log_every=5, seq_len=96, batch=8, checkpoint_every=50, progress=False)
     lm.optim.update(warmup_steps=10)
-    summary = pretrain.train(lm, str(tmp_path / 'lm'))
+    summary = trainers.train(lm, str(tmp_path / 'lm'))
     rows = [json.loads(line) for line in (tmp_path / 'lm' / 'metrics.jsonl').read_text().splitlines()]
     losses = [r['loss'] for r in rows if 'loss' in r]
     assert summary['step'] == 50

@@ -1,6 +1,6 @@
 """experiments/retrieval_ablation.py's own parts (its stages are cm3jax's commands, tested in
-their own files): the world's image batches resume exactly, arguments are checked, the table
-and plot show every arm and K, and the Colab notebook passes arguments the script accepts."""
+their own files): arguments are checked, the table and plot show every arm and K, and the Colab
+notebook passes arguments the script accepts."""
 
 import importlib.util
 import json
@@ -18,19 +18,6 @@ def ablation(repo):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def test_world_images_are_the_worlds_scenes_and_resume(ablation):
-    from cm3jax.data.worlds import shapes, shapes_judge
-    data = ablation.world_images(4, seed=3)
-    first, second = next(data), next(data)
-    assert first['images'].shape == (4, 16, 16, 3) and first['images'].dtype == np.uint8
-    assert not np.array_equal(first['images'], second['images'])
-    again = ablation.world_images(4, seed=3)
-    again.set_state({'index': 1})
-    np.testing.assert_array_equal(next(again)['images'], second['images'])
-    world = shapes.ShapesConfig(**ablation.WORLD)
-    assert all(len(shapes_judge.parse(im, world)) == 1 for im in first['images'])  # one object each
 
 
 def test_arguments_are_checked(ablation):

@@ -1,6 +1,6 @@
 """Numerical parity with transformers' Chameleon, through `cm3jax.convert.chameleon`.
 
-A tiny random HF ``ChameleonForConditionalGeneration`` (TRAPS.md) is converted and both models'
+A tiny random HF ``ChameleonForConditionalGeneration`` (docs/stack_notes.md, "Parity references") is converted and both models'
 float32 logits are compared. HF's ``forward`` overwrites image-code logits with the dtype
 minimum, so the reference is its pre-mask ``lm_head`` output. Skipped without the [parity] extra.
 """
@@ -16,7 +16,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cm3jax import configuration, parallel  # noqa: E402
+from cm3jax import parallel  # noqa: E402
+from cm3jax.lm import config as lm_config  # noqa: E402
 from cm3jax.convert.chameleon import from_hf, model_fields_from_hf_config  # noqa: E402
 from cm3jax.model.transformer import Transformer  # noqa: E402
 from tests.helpers import tiny_config  # noqa: E402
@@ -58,7 +59,7 @@ def cm3jax_config(hf_config, **model_overrides):
     config.model.update(model_fields_from_hf_config(hf_config))
     config.model.update(model_overrides)
     mesh = parallel.create_mesh((1, 1, 1), devices=jax.devices()[:1])
-    return configuration.transformer_config(config, mesh, parallel.rules_from_config(config))
+    return lm_config.transformer_config(config, mesh, parallel.rules_from_config(config))
 
 
 def cm3jax_logits(cfg, params, tokens):

@@ -3,7 +3,7 @@
 import pytest
 
 from cm3jax import quickstart
-from cm3jax.configuration import ConfigError
+from cm3jax.errors import ConfigError
 from tests.helpers import tiny_config
 
 

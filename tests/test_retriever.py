@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from cm3jax import parallel
+from cm3jax import parallel, trainers
 from cm3jax.data.documents import Document
 from cm3jax.data.worlds import shapes
 from cm3jax.retrieval import clip, load, train
@@ -38,10 +38,10 @@ def test_resuming_on_the_mesh_matches_an_uninterrupted_run(tmp_path):
     """Steps 0-2, saved, then 2-4 in a second call: the same losses, recall and params as 0-4 in
     one call (the data iterator resumes where it was, the tokenizer is the workdir's)."""
     straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
-    train.train(_mesh_config(4), str(straight))
-    train.train(_mesh_config(2), str(resumed))
+    trainers.train(_mesh_config(4), str(straight))
+    trainers.train(_mesh_config(2), str(resumed))
     assert sorted(p.name for p in (resumed / 'checkpoints').iterdir()) == ['2']
-    train.train(_mesh_config(4), str(resumed))
+    trainers.train(_mesh_config(4), str(resumed))
 
     def by_step(workdir):
         return {(r['step'], k): v for r in _rows(workdir) for k, v in r.items()
@@ -60,15 +60,15 @@ def test_config_errors_say_what_to_change(tmp_path):
     config = _mesh_config(1)
     config.model.vocab_size = 100
     with pytest.raises(ValueError, match='model.vocab_size is set by the text tokenizer'):
-        train.train(config, str(tmp_path / 'a'))
+        trainers.train(config, str(tmp_path / 'a'))
     config = _mesh_config(1)
     config.train.batch = 6
     with pytest.raises(ValueError, match=r'train.batch=6 must be a multiple of the 4 batch shards'):
-        train.train(config, str(tmp_path / 'b'))
+        trainers.train(config, str(tmp_path / 'b'))
     config = _mesh_config(1)
     config.data.source.cfg.canvas = 48
     with pytest.raises(ValueError, match=r'model takes uint8 32x32; set model.image_size'):
-        train.train(config, str(tmp_path / 'c'))
+        trainers.train(config, str(tmp_path / 'c'))
 
 
 def test_shapes_relevance_is_what_the_caption_states():

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cm3jax import parallel, pretrain
+from cm3jax import params as params_lib, trainers
 from cm3jax.train import checkpoint, loop, metrics as metrics_lib, optim, step as step_lib
 from tests.helpers import tiny_config
 
@@ -26,7 +26,7 @@ def test_tiny_model_learns_the_synthetic_task(tmp_path):
     config = tiny_config()
     config.mesh.ici = (2, 2, 2)
     config.train.update(steps=300, eval_every=300, progress=False)
-    summary = pretrain.train(config, str(tmp_path))
+    summary = trainers.train(config, str(tmp_path))
     rows = _metrics(tmp_path)
     first = next(r for r in rows if 'loss' in r)
     final_eval = [r for r in rows if 'eval/loss' in r][-1]
@@ -41,7 +41,7 @@ def test_tiny_model_learns_the_synthetic_task(tmp_path):
 
     # --init_from: a new run starts from these params (step 0, fresh optimizer), not from scratch
     config.train.update(steps=2, eval_every=0, log_every=1)
-    tuned = pretrain.train(config, str(tmp_path / 'tuned'), init_from=str(tmp_path))
+    tuned = trainers.train(config, str(tmp_path / 'tuned'), init_from=str(tmp_path))
     first_tuned = next(r for r in _metrics(tmp_path / 'tuned') if 'loss' in r)
     assert tuned['step'] == 2 and first_tuned['step'] == 1
     assert first_tuned['loss'] < entropy - 0.5
@@ -59,7 +59,7 @@ def _final_params(workdir):
     metadata = ckpt._manager.item_metadata(step)['state']
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), metadata['params'])
-    params = checkpoint.restore_params(workdir, target)
+    params = params_lib.restore(workdir, target)
     ckpt.close()
     return step, jax.device_get(params)
 
@@ -189,7 +189,7 @@ def test_two_processes_train_like_one(tmp_path, repo):
     config = tiny_config()
     config.mesh.ici = (2, 2, 2)
     config.train.update(steps=3, log_every=1, eval_every=0, progress=False)
-    pretrain.train(config, str(tmp_path / 'single'))
+    trainers.train(config, str(tmp_path / 'single'))
     single = [r['loss'] for r in _metrics(tmp_path / 'single') if 'loss' in r]
     got = [r['loss'] for r in _metrics(tmp_path / 'multi') if 'loss' in r]
     assert len(single) == len(got) == 3 and single[0] > single[2]
@@ -202,10 +202,10 @@ def test_train_rejects_a_batch_the_mesh_cannot_split(tmp_path):
     config.train.update(batch=12, microbatches=2)
     with pytest.raises(ValueError, match=r'train.batch=12 must be a multiple of the 4 batch shards x '
                                          r'train.microbatches=2 \(= 8\)'):
-        pretrain.validate(config, parallel.mesh_from_config(config.mesh))
+        trainers.train(config, str(tmp_path))
     config.train.microbatches = 0
     with pytest.raises(ValueError, match=r'train.microbatches=0 must be >= 1'):
-        pretrain.validate(config, parallel.mesh_from_config(config.mesh))
+        trainers.train(config, str(tmp_path))
 
 
 def test_launcher_stops_the_others_when_one_process_fails():

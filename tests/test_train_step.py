@@ -8,8 +8,9 @@ import numpy as np
 import optax
 import pytest
 
-from cm3jax import parallel, pretrain
-from cm3jax.configuration import ConfigError
+from cm3jax import parallel
+from cm3jax.errors import ConfigError
+from cm3jax.lm import task as lm_task
 from cm3jax.data import synthetic
 from cm3jax.train import optim, state as state_lib, step as step_lib
 from cm3jax.train.loss import means, token_stats
@@ -92,7 +93,7 @@ def _lm_setup(mesh=None, variant='cm3leon', batch=8, seq_len=32):
     target = state_lib.abstract_state(init_fn, opt, mesh, rules, *args)
     task = synthetic.SyntheticTask(max_len=6)
     local = next(synthetic.SyntheticBatches(task, batch, seq_len, seed=3))
-    loss_fn = pretrain.lm_loss_fn(model, z_loss=1e-4, group_fn=lambda b: {'answer': b['answer']})
+    loss_fn = lm_task.lm_loss_fn(model, z_loss=1e-4, group_fn=lambda b: {'answer': b['answer']})
     return mesh, rules, state, target, local, loss_fn, opt
 
 

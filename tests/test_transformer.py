@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from cm3jax import configuration, parallel
+from cm3jax import parallel
+from cm3jax.lm import config as lm_config
 from cm3jax.model import transformer
 from cm3jax.model.transformer import positions_from_segments
 from cm3jax.train.loss import cross_entropy
@@ -154,13 +155,13 @@ def test_cross_entropy_weights_and_z_loss():
 
 
 def test_preset_parameter_counts():
-    """The presets have the sizes PAPER.md names (counted abstractly, nothing allocated)."""
+    """The presets have the sizes docs/paper.md names (counted abstractly, nothing allocated)."""
     from configs import lm
     expected = {'cm3leon_350m': 0.35e9, 'cm3leon_760m': 0.76e9, 'cm3leon_7b': 7e9, 'chameleon': 7e9}
     mesh = parallel.create_mesh((1, 1, 1), devices=jax.devices()[:1])
     for preset, size in expected.items():
-        config = configuration.validate(lm.get_config(preset), num_devices=1)
-        cfg = configuration.transformer_config(config, mesh, parallel.DEFAULT_RULES)
+        config = lm_config.validate(lm.get_config(preset), num_devices=1)
+        cfg = lm_config.transformer_config(config, mesh, parallel.DEFAULT_RULES)
         shapes = jax.eval_shape(transformer.Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
         count = parallel.num_params(shapes)
         assert 0.8 * size < count < 1.2 * size, (preset, count)

@@ -14,36 +14,18 @@ mismatch names the tensor and both shapes.
 
 from __future__ import annotations
 
-import pathlib
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cm3jax.params import WeightMismatch
 from cm3jax.vq.model import VQConfig, VQGAN
 
 # prefixes under which the tokenizer sits in larger checkpoints
 PREFIXES = ('model.vqmodel.', 'vqmodel.', 'first_stage_model.', 'model.')
 IGNORED = re.compile(r'^(loss\.|discriminator\.)')  # taming's training-only parts
-
-
-class WeightMismatch(ValueError):
-    """A weight file does not fit the tokenizer config."""
-
-
-def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
-    """A ``.safetensors`` file or a torch checkpoint (``weights_only=True``) -> numpy arrays.
-    Lightning checkpoints' ``state_dict`` wrapper is unwrapped."""
-    path = pathlib.Path(path)
-    if path.suffix == '.safetensors':
-        from safetensors.numpy import load_file
-        return dict(load_file(str(path)))
-    import torch
-    state = torch.load(str(path), map_location='cpu', weights_only=True)
-    state = state.get('state_dict', state)
-    return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()
-            if isinstance(v, torch.Tensor)}
 
 
 def _target_name(name: str, levels: int, layout: str) -> tuple[str, ...] | None:

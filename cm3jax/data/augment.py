@@ -1,4 +1,4 @@
-"""Retrieval augmentation at training time (PAPER.md section 3): put retrieved documents before
+"""Retrieval augmentation at training time (docs/paper.md, "Retrieval augmentation"): put retrieved documents before
 each query document.
 
 For an example, K is drawn uniformly from ``RetrievalConfig.counts`` (CM3leon: always 2;
@@ -6,7 +6,7 @@ RA-CM3: {0, 1, 2}), then K distinct documents from the example's neighbour list 
 `cm3jax build-index`, read through `cm3jax.data.neighbours`), kept best first. Each is laid out
 like a training document (`documents.layout`: its own `<break>`s, ending in `<eos>`), with no
 caption dropout and no CM3 transform: the pipeline puts them, as they are, before the
-CM3-transformed query, and weights all their tokens 1 (PAPER.md: CM3leon weights every token
+CM3-transformed query, and weights all their tokens 1 (docs/paper.md: CM3leon weights every token
 equally; `PipelineConfig.query_weight` up-weights the query as RA-CM3 did).
 
 A neighbour whose record is corrupt is skipped and counted (`counts`); the example keeps the

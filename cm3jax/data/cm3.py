@@ -1,4 +1,4 @@
-"""The CM3 causal-masked objective (PAPER.md section 2), as a pure numpy function of (tokens, rng).
+"""The CM3 causal-masked objective (docs/paper.md, "The CM3 objective"), as a pure numpy function of (tokens, rng).
 
     x0 x1 x2 <break> img ... <eos>
   ->  x0 <mask:0> x2 <break> img ... <mask:0> x1 <eoss> <eos>

@@ -2,7 +2,7 @@
 
 A `Document` is an ordered list of segments: ``str`` for text, ``np.ndarray`` uint8
 [H, W, C] for an image (or, once prepared, int [h, w] VQ codes). Sources (`cm3jax.data.sources`)
-yield them; `prepare` tokenizes them; `tokens` lays them out as CM3leon does (PAPER.md section 1):
+yield them; `prepare` tokenizes them; `tokens` lays them out as CM3leon does (docs/paper.md, "Tokenizers"):
 
     caption <break> [h*w image ids] <eos>          text-to-image order
     [h*w image ids] <break> caption <eos>          image-to-text order
@@ -53,7 +53,7 @@ class LayoutConfig:
     text_first: probability that a text+image pair is laid out caption-first (text-to-image);
       otherwise image-first (image-to-text). Other documents keep their order.
     caption_dropout: probability that every text segment of a document with an image becomes
-      one ``<mask>`` (classifier-free guidance needs T(y | <mask>); PAPER.md section 5).
+      one ``<mask>`` (classifier-free guidance needs T(y | <mask>); docs/paper.md, "Decoding").
     """
     text_first: float = 0.5
     caption_dropout: float = 0.0

@@ -74,7 +74,7 @@ class ImageEncoder:
             chunk = images[start:start + self.batch]
             padded = np.concatenate([chunk, np.zeros((self.batch - len(chunk), *chunk.shape[1:]), np.uint8)])
             codes = self._encode(self.params, jax.device_put(padded, self.split))
-            out.append(np.asarray(jax.device_get(codes))[:len(chunk)])  # one program in flight (TRAPS)
+            out.append(np.asarray(jax.device_get(codes))[:len(chunk)])  # one program in flight (docs/stack_notes.md)
         return np.concatenate(out) if out else np.zeros((0, self.cfg.latent_resolution,) * 2, np.int32)
 
 

@@ -83,19 +83,30 @@ class Source:
         self._shard = (0, 1)
 
     def __iter__(self) -> Iterator[Document]:
+        return (doc for _, _, doc in self.positioned())
+
+    def positioned(self, start: int = 0) -> Iterator[tuple[int, int, Document]]:
+        """One pass as ``(record, j, document)``: the document is the ``j``-th of this shard's
+        ``record``-th record (0-based; a record gives several documents only in TFDS's
+        captions='all'). The first ``start`` records of this shard are passed over without running
+        their loaders, so a reader resumed at a position decodes nothing before it."""
         self.stats = stats = SourceStats()
         index, count = self._shard
+        record = -1
         for ordinal, load in self._records():
             if ordinal % count != index:
+                continue
+            record += 1
+            if record < start:
                 continue
             try:
                 docs = load()
             except Skip as s:
                 self._skip(s.reason, s.record, s.detail)
                 continue
-            for doc in (docs if isinstance(docs, list) else [docs]):
+            for j, doc in enumerate(docs if isinstance(docs, list) else [docs]):
                 stats.read += 1
-                yield doc
+                yield record, j, doc
         if stats.skipped:
             log.warning('%s: %s', self.describe(), stats.report())
 

@@ -1,7 +1,7 @@
 """A synthetic structured-token task: copy, reverse, sort and add digit strings.
 
-Until real documents are prepared, this gives the train loop something to learn that has a
-known answer. Each example is ``<bos> TASK x1 .. xn <sep> y1 .. ym <eos>``: the prompt digits
+A loop example with a known answer (docs/training.md): the LM trains on it when ``data.dir``
+is empty. Each example is ``<bos> TASK x1 .. xn <sep> y1 .. ym <eos>``: the prompt digits
 are random (irreducible), the answer is a function of them (learnable to zero loss), so a
 model that learns drives the loss far below the stream's unigram entropy and the answer
 accuracy towards 1.
@@ -123,60 +123,6 @@ class SyntheticBatches:
         rows = [self.task.row(np.random.default_rng([self.seed, self.index, r]), self.seq_len) for r in self.rows]
         self.index += 1
         return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-
-    def get_state(self) -> dict:
-        return {'index': self.index}
-
-    def set_state(self, state: dict) -> None:
-        self.index = int(state['index'])
-
-
-# ---- Images: flat-colour shapes, for the image tokenizer until the Shapes world lands ----
-
-COLOURS = np.array([[230, 40, 40], [40, 180, 60], [40, 80, 230], [240, 210, 40], [160, 60, 200], [250, 140, 30],
-                    [30, 200, 210], [240, 240, 240]], np.uint8)
-BACKGROUNDS = np.array([[0, 0, 0], [40, 40, 40], [20, 30, 60], [60, 40, 20]], np.uint8)
-
-
-def render_shapes(rng: np.random.Generator, resolution: int, max_objects: int = 3) -> np.ndarray:
-    """One image uint8 [R, R, 3]: 1..max_objects circles, squares and triangles of random
-    colour, size and position on one of a few dark backgrounds: flat colours, as in the Shapes
-    world, so a small codebook can represent them."""
-    yy, xx = np.mgrid[0:resolution, 0:resolution] + 0.5
-    image = np.broadcast_to(BACKGROUNDS[rng.integers(len(BACKGROUNDS))], (resolution, resolution, 3)).copy()
-    for _ in range(int(rng.integers(1, max_objects + 1))):
-        size = rng.uniform(0.15, 0.35) * resolution
-        cy, cx = rng.uniform(size, resolution - size, 2)
-        kind = rng.integers(3)
-        if kind == 0:
-            mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= size**2
-        elif kind == 1:
-            mask = (np.abs(yy - cy) <= size) & (np.abs(xx - cx) <= size)
-        else:  # apex up
-            mask = (yy >= cy - size) & (yy <= cy + size) & (np.abs(xx - cx) <= (yy - (cy - size)) / 2)
-        image[mask] = COLOURS[rng.integers(len(COLOURS))]
-    return image
-
-
-class ShapeImages:
-    """Batches {'images': uint8 [B_local, R, R, 3]} of `render_shapes`; a DataIterator whose
-    image ``r`` of batch ``i`` comes from ``default_rng([seed, i, r])`` (see `SyntheticBatches`)."""
-
-    def __init__(self, global_batch: int, resolution: int, seed: int, process_index: int = 0,
-                 process_count: int = 1):
-        if global_batch % process_count:
-            raise ValueError(f'train.batch={global_batch} must be a multiple of the {process_count} processes')
-        rows = global_batch // process_count
-        self.rows, self.resolution, self.seed = range(process_index * rows, (process_index + 1) * rows), resolution, seed
-        self.index = 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        images = [render_shapes(np.random.default_rng([self.seed, self.index, r]), self.resolution) for r in self.rows]
-        self.index += 1
-        return {'images': np.stack(images)}
 
     def get_state(self) -> dict:
         return {'index': self.index}

@@ -3,7 +3,7 @@
 Every parameter carries logical axis names (``embed``, ``mlp``, ``heads``, ``kv``, ``vocab``,
 ``norm``) so that `cm3jax.parallel` can map them onto a mesh. Kernels are created with
 ``self.param`` and applied with ``jnp.einsum`` rather than ``nn.DenseGeneral``: a 3-D logically
-partitioned DenseGeneral kernel breaks under an active mesh (see TRAPS.md).
+partitioned DenseGeneral kernel breaks under an active mesh (docs/stack_notes.md, "3-D kernels").
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import flax.linen as nn
 
 
 def trunc_normal(std: float):
-    """Normal(0, std) truncated at +-3 std (CM3leon, PAPER.md section 4).
+    """Normal(0, std) truncated at +-3 std (CM3leon; docs/paper.md, "Model").
 
     ``jax.nn.initializers.truncated_normal`` rescales so that the *truncated* distribution has
     the given std; we want the paper's plain "std 0.006, cut at 3 std", so draw a standard

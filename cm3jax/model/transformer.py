@@ -1,6 +1,6 @@
 """The decoder-only transformer: CM3leon by default, Chameleon's changes as independent switches.
 
-CM3leon (PAPER.md section 4): pre-LN with parameter-free LayerNorm, no biases, no dropout,
+CM3leon (docs/paper.md, "Model"): pre-LN with parameter-free LayerNorm, no biases, no dropout,
 learned absolute positions (init std 2e-4), GELU MLP, trunc-normal(0.006, 3 std) init and
 zero-initialised residual output projections.
 Chameleon: RMSNorm, SwiGLU, RoPE, per-head QK-norm, swin-norm placement and GQA; each is a

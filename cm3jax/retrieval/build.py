@@ -1,5 +1,5 @@
 """`cm3jax build-index`: embed prepared documents into a memory bank and write every document's
-neighbour list next to the shards (PAPER.md section 3; DESIGN.md data flow step 3).
+neighbour list next to the shards (docs/paper.md, "Retrieval augmentation"; docs/architecture.md, "Data flow").
 
 For each document of the bank's data (ids in manifest order, `cm3jax.data.neighbours`):
 - its text segments are decoded to a string with the data's text tokenizer, its first image's

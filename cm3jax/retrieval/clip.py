@@ -1,6 +1,6 @@
 """CLIP dual encoder: the frozen retriever of retrieval augmentation and the CLIP-score judge.
 
-PAPER.md section 3: the retriever is a CLIP ViT-B/32 bi-encoder. Each document is split into a
+docs/paper.md, "Retrieval augmentation": the retriever is a CLIP ViT-B/32 bi-encoder. Each document is split into a
 text part and an image part, each part is embedded and L2-normalised, and the two are averaged
 (`embed_document`); retrieval is maximum inner product search over those vectors. Section 5
 re-ranks sampled images by CLIP score (`clip_score`).
@@ -29,7 +29,7 @@ Usage (all functions are pure; those taking ``cfg`` jit with it static)::
     v = embed_image(params, cfg, images)        # Float[B, P], unit norm
     docs = embed_document(t, v, has_text, has_image)
 
-Sharded init: ``parallel.init_sharded(functools.partial(init_variables, cfg), mesh, rules, rng)``.
+Sharded init: ``cm3jax.params.init_sharded(functools.partial(init_variables, cfg), mesh, rules, rng)``.
 """
 
 from __future__ import annotations
@@ -260,7 +260,7 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
 # --- the public, pure functions ------------------------------------------------------------
 
 def init_variables(cfg: ClipConfig, rng: jax.Array) -> dict:
-    """Boxed variables (``{'params': ...}`` with logical axis names), for `parallel.init_sharded`."""
+    """Boxed variables (``{'params': ...}`` with logical axis names), for `cm3jax.params.init_sharded`."""
     pixels = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.image_channels), jnp.float32)
     ids = jnp.zeros((1, cfg.max_len), jnp.int32)
     return ClipModel(cfg).init(rng, pixels, ids, jnp.ones((1, cfg.max_len), bool))
@@ -299,7 +299,7 @@ def embed_image(params, cfg: ClipConfig, images: jax.Array) -> jax.Array:
 
 def embed_document(text_emb: jax.Array, image_emb: jax.Array, has_text: jax.Array,
                    has_image: jax.Array) -> jax.Array:
-    """The retrieval key of a document (PAPER.md section 3): the L2-normalised mean of the unit
+    """The retrieval key of a document (docs/paper.md, "Retrieval augmentation"): the L2-normalised mean of the unit
     embeddings of the parts it has.
 
     text_emb, image_emb: Float[B, P] (rows of a missing part are ignored, even NaN);
@@ -349,6 +349,6 @@ def contrastive_loss(params, cfg: ClipConfig, batch: dict) -> tuple[jax.Array, d
 def clip_score(params, cfg: ClipConfig, images: jax.Array, ids: jax.Array,
                mask: jax.Array | None = None) -> jax.Array:
     """CLIPScore of each (image, text) pair: 100 * max(cos, 0), Float32[B] (as torchmetrics
-    defines it; the re-ranking of PAPER.md section 5 keeps the highest)."""
+    defines it; the re-ranking of docs/paper.md, "Decoding", keeps the highest)."""
     cos = jnp.sum(embed_image(params, cfg, images) * embed_text(params, cfg, ids, mask), axis=-1)
     return 100.0 * jnp.maximum(cos, 0.0)

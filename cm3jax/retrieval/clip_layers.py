@@ -7,7 +7,7 @@ projection has a bias and every LayerNorm has a scale and a bias.
 
 Parameters carry the LM's logical axis names (``embed``, ``mlp``, ``heads``, ``kv``, ``norm``,
 ``layers``), so `cm3jax.parallel.DEFAULT_RULES` shard both towers the way they shard the LM.
-Kernels are einsums over ``param(...)`` arrays rather than ``nn.DenseGeneral`` (TRAPS.md).
+Kernels are einsums over ``param(...)`` arrays rather than ``nn.DenseGeneral`` (docs/stack_notes.md, "3-D kernels").
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The memory bank of document embeddings, and maximum-inner-product search over it (PAPER.md
-section 3: the retriever scores every bank document against the query by inner product).
+"""The memory bank of document embeddings, and maximum-inner-product search over it (docs/paper.md,
+"Retrieval augmentation": the retriever scores every bank document against the query by inner product).
 
 On disk a bank is a directory:
 

@@ -1,4 +1,4 @@
-"""Retrieval at inference time and CLIP re-ranking (PAPER.md sections 3 and 5).
+"""Retrieval at inference time and CLIP re-ranking (docs/paper.md, "Retrieval augmentation" and "Decoding").
 
 - `retrieve`: a text prompt is embedded by the retriever and searched in the memory bank that
   `cm3jax build-index` wrote for the training data; the selected documents are read from that

@@ -29,10 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from cm3jax import parallel
+from cm3jax import params as params_lib, parallel
 from cm3jax.retrieval import clip
 from cm3jax.text_tokenizer import TextTokenizer
-from cm3jax.train import checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -111,16 +110,7 @@ def clip_config(model, layout: TextLayout) -> clip.ClipConfig:
 
 def param_target(cfg: clip.ClipConfig, mesh: jax.sharding.Mesh, rules: parallel.Rules):
     """The params as abstract arrays laid out on ``mesh`` by their logical axis names."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(functools.partial(clip.init_variables, cfg), jax.random.key(0))['params']
-        shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed), shardings)
-
-
-def place_params(params, target):
-    """Host params (e.g. converted HF weights) -> arrays laid out like ``target``, shapes checked."""
-    checkpoint.check_fits({'params': params}, {'params': target}, 'the converted CLIP weights')
-    return jax.tree.map(lambda x, t: jax.device_put(np.asarray(x, t.dtype), t.sharding), params, target)
+    return params_lib.abstract(lambda rng: clip.init_variables(cfg, rng)['params'], mesh, rules, jax.random.key(0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,14 +208,14 @@ def load_retriever(path: str | pathlib.Path, *, step: int | None = None, mesh: j
                                 f'with (for HF weights, copy the tokenizer.json that came with them)')
     tokenizer = TextTokenizer.load(tokenizer_file)
     if 'text_config' in raw or 'vision_config' in raw:  # transformers' CLIPConfig
-        from cm3jax.convert.clip import load_pretrained
+        from cm3jax.retrieval.hf_clip import load_pretrained
         cfg, host_params = load_pretrained(path)
         layout = text_layout(tokenizer, cfg.max_len)
         if layout.num_ids > cfg.vocab_size:
             raise ValueError(f'{tokenizer_file} has {layout.num_ids} ids but the weights embed {cfg.vocab_size}; '
                              f'use the tokenizer.json released with these weights')
         rules = parallel.rules_from_config({})
-        params = place_params(host_params, param_target(cfg, mesh, rules))
+        params = params_lib.place(host_params, param_target(cfg, mesh, rules), 'the converted CLIP weights')
         return Retriever(cfg, params, layout, mesh, rules, batch_size)
     if 'model' not in raw or 'tokenizer' not in raw:
         raise ValueError(f'{config_file} is neither a `cm3jax train-retriever` config (model + tokenizer '
@@ -234,6 +224,6 @@ def load_retriever(path: str | pathlib.Path, *, step: int | None = None, mesh: j
     layout = text_layout(tokenizer, config.model.max_len)
     cfg = clip_config(config.model, layout)
     rules = parallel.rules_from_config(config)
-    params = checkpoint.restore_params(path, param_target(cfg, mesh, rules), step)
+    params = params_lib.restore(path, param_target(cfg, mesh, rules), step)
     return Retriever(cfg, params, layout, mesh, rules, batch_size)
 

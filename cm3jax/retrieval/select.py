@@ -1,5 +1,5 @@
-"""Which retrieved documents go before a query: the selection of CM3leon (and RA-CM3), PAPER.md
-section 3, and the neighbour lists that `cm3jax build-index` writes next to the data shards.
+"""Which retrieved documents go before a query: the selection of CM3leon (and RA-CM3), docs/paper.md,
+"Retrieval augmentation", and the neighbour lists that `cm3jax build-index` writes next to the data shards.
 
 Selection, per query, over the ``candidates`` best documents by inner product:
 

@@ -1,13 +1,14 @@
-"""`cm3jax train-retriever`: the CLIP dual encoder trained with the shared train loop.
+"""The CLIP retriever's `Task` for `cm3jax.train.run`.
 
-PAPER.md section 3 retrieves with a frozen CLIP; this trains one (or fine-tunes converted
-weights) on image-caption documents: symmetric InfoNCE over the in-batch negatives of the global
-batch (`cm3jax.retrieval.clip.contrastive_loss`), the pairs split over the mesh's batch axes and
-the parameters laid out by their logical axis names. Checkpoints, resume, SIGTERM, metrics and
-the progress bar are `cm3jax.train`'s. The eval hook measures text->image and image->text
-recall@1/@5 on fixed held-out sets, at step 0 (the random encoder) and every ``eval_every`` steps.
+Retrieval augmentation (docs/paper.md, "Retrieval augmentation") retrieves with a frozen CLIP;
+this trains one (or fine-tunes converted weights, ``init_from``) on image-caption documents
+from any source (``config.data.source``, a `cm3jax.data.sources.make_source` spec): symmetric
+InfoNCE over the in-batch negatives of the global batch (`cm3jax.retrieval.clip.contrastive_loss`),
+the pairs split over the mesh's batch axes and the parameters laid out by their logical axis
+names. The eval hook measures text->image and image->text recall@1/@5 on fixed held-out sets,
+at step 0 (the random encoder) and every ``eval_every`` steps.
 
-The workdir gets ``config.json`` and ``tokenizer.json`` next to ``checkpoints/``, which is all
+The workdir gets ``tokenizer.json`` next to ``config.json`` and ``checkpoints/``, which is all
 `cm3jax.retrieval.load.load_retriever` needs.
 """
 
@@ -18,20 +19,22 @@ import itertools
 import json
 import logging
 import pathlib
+from typing import NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from tqdm import tqdm
 
-from cm3jax import parallel
-from cm3jax.data.sources import make_source
+from cm3jax import params as params_lib, parallel
+from cm3jax.data import batches as batches_lib
+from cm3jax.data.sources import Skip, make_source
 from cm3jax.data.worlds import shapes_judge
 from cm3jax.retrieval import clip, load
 from cm3jax.text_tokenizer import TextTokenizer, train_bpe
-from cm3jax.train import checkpoint, loop, metrics as metrics_lib, optim, state as state_lib, step as step_lib
+from cm3jax.train import loop, metrics as metrics_lib
+from cm3jax.train.run import Env, Task
 
 log = logging.getLogger(__name__)
 
@@ -47,81 +50,30 @@ def decay_mask(params):
 
 # ---- Data ------------------------------------------------------------------------------------
 
-def _pair(doc, image_size: int, where: str):
-    """A document's first image and first caption, or None when it lacks either."""
-    texts, images = doc.texts, doc.images
-    if not texts or not images:
-        return None
-    image = images[0]
-    if image.shape[:2] != (image_size, image_size) or image.dtype != np.uint8:
-        raise ValueError(f'{where}: document {doc.id!r} has a {image.dtype} image of shape {image.shape} but the '
-                         f'model takes uint8 {image_size}x{image_size}; set model.image_size or the source\'s '
-                         f'size (shapes: cfg.canvas, digits: size, folder/webdataset: resize)')
-    return image, texts[0]
+def pair_example(image_size: int, where: str):
+    """``example`` for `cm3jax.data.batches`: a document's first image and first caption
+    ({'images': UInt8[S, S, 3], 'captions': str}); documents lacking either are skipped and counted."""
+    def example(doc):
+        if not doc.texts or not doc.images:
+            raise Skip('document without an image and a caption', str(doc.id))
+        batches_lib.check_image(doc.images[0], image_size, where, 'model.image_size', doc.id)
+        return {'images': doc.images[0], 'captions': doc.texts[0]}
+    return example
 
 
-class PairBatches:
-    """This process's rows of global batch after global batch, a `cm3jax.train.loop.DataIterator`:
-    {'images': UInt8[b, S, S, C], 'ids': Int32[b, T], 'mask': Bool[b, T]}.
+def pair_collate(layout: load.TextLayout):
+    """Examples -> {'images': UInt8[b, S, S, 3], 'ids': Int32[b, T], 'mask': Bool[b, T]}; captions
+    longer than the text tower's context are truncated, with one warning."""
+    warned = []
 
-    ``source`` (already this process's shard) repeats when it ends; documents without an image
-    or a caption are skipped. An optional shuffle buffer mixes sources that come in file order.
-    The state is the count of pairs taken; `set_state` replays the stream up to it, which is
-    exact and, for Shapes, costs about 0.2 ms per pair taken."""
-
-    def __init__(self, source, rows: int, layout: load.TextLayout, image_size: int, shuffle_buffer: int = 0,
-                 seed: int = 0):
-        self.source, self.rows, self.layout, self.image_size = source, rows, layout, image_size
-        self.shuffle_buffer, self.seed = shuffle_buffer, seed
-        self.set_state({'pairs': 0})
-
-    def _stream(self):
-        for epoch in itertools.count():
-            found = False
-            for doc in self.source:
-                pair = _pair(doc, self.image_size, 'data.source')
-                if pair is not None:
-                    found = True
-                    yield pair
-            if not found:
-                raise ValueError(f'data.source yielded no document with both an image and a caption '
-                                 f'(epoch {epoch}: {self.source.report()})')
-
-    def _shuffled(self):
-        stream = self._stream()
-        if not self.shuffle_buffer:
-            yield from stream
-            return
-        rng, buffer = np.random.default_rng([self.seed, 7]), []
-        for pair in stream:  # endless: a full buffer swaps a random entry out for each newcomer
-            if len(buffer) < self.shuffle_buffer:
-                buffer.append(pair)
-                continue
-            i = int(rng.integers(len(buffer)))
-            yield buffer[i]
-            buffer[i] = pair
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        images, captions = zip(*itertools.islice(self._pairs, self.rows))
-        self.taken += self.rows
-        ids, mask, truncated = self.layout.encode(captions)
-        if truncated and not self._warned:
-            self._warned = True
+    def collate(examples: Sequence[dict]) -> dict[str, np.ndarray]:
+        ids, mask, truncated = layout.encode([e['captions'] for e in examples])
+        if truncated and not warned:
+            warned.append(True)
             log.warning('captions longer than model.max_len=%d tokens are truncated (%d of %d in this batch)',
-                        self.layout.max_len, truncated, self.rows)
-        return {'images': np.stack(images), 'ids': ids, 'mask': mask}
-
-    def get_state(self) -> dict:
-        return {'pairs': self.taken}
-
-    def set_state(self, state: dict) -> None:
-        self.taken, self._warned = int(state['pairs']), False
-        self._pairs = self._shuffled()
-        for _ in itertools.islice(self._pairs, self.taken):
-            pass
+                        layout.max_len, truncated, len(examples))
+        return {'images': np.stack([e['images'] for e in examples]), 'ids': ids, 'mask': mask}
+    return collate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,20 +128,11 @@ def eval_sets(config, image_size: int) -> list[EvalSet]:
     out = []
     for name, overrides in sorted(d.eval.items()):
         source = make_source({**d.source.to_dict(), **overrides.to_dict()})
-        pairs, docs = [], []
-        for doc in source:
-            pair = _pair(doc, image_size, f'data.eval.{name}')
-            if pair is not None:
-                pairs.append(pair)
-                docs.append(doc)
-            if len(pairs) == d.eval_size:
-                break
-        if len(pairs) < d.eval_size:
-            raise ValueError(f'data.eval.{name} holds {len(pairs)} image-caption pairs, fewer than '
-                             f'data.eval_size={d.eval_size}; lower it')
-        images, captions = zip(*pairs)
+        pairs, docs = batches_lib.take(source, d.eval_size, pair_example(image_size, f'data.eval.{name}'),
+                                       f'data.eval.{name}')
+        captions = [p['captions'] for p in pairs]
         world = source.cfg if getattr(source, 'kind', '') == 'shapes' else None
-        out.append(EvalSet(name, np.stack(images), list(captions), relevance(list(captions), docs, world)))
+        out.append(EvalSet(name, np.stack([p['images'] for p in pairs]), captions, relevance(captions, docs, world)))
     return out
 
 
@@ -273,110 +216,81 @@ def text_tokenizer(config, workdir: pathlib.Path) -> TextTokenizer:
     return train_bpe(captions, tc.vocab_size)
 
 
-def _init_params(config, cfg: clip.ClipConfig, target):
-    """Params to fine-tune from ``config.init_from``: HF CLIP weights or a train-retriever workdir."""
-    path = pathlib.Path(config.init_from)
+def init_from(env: Env, path: str, target):
+    """Params to fine-tune from ``path``: HF CLIP weights or a train-retriever workdir."""
+    path = pathlib.Path(path)
     raw = json.loads((path / 'config.json').read_text()) if (path / 'config.json').exists() else {}
+    cfg = env.model.cfg
     if 'text_config' in raw or 'vision_config' in raw:
-        from cm3jax.convert.clip import load_pretrained
+        from cm3jax.retrieval.hf_clip import load_pretrained
         hf_cfg, params = load_pretrained(path)
         if dataclasses.replace(hf_cfg, pooling='eos', eos_token_id=cfg.eos_token_id, dtype=cfg.dtype,
                                logit_scale_init=cfg.logit_scale_init) != cfg:
             raise ValueError(f'init_from={path} holds a CLIP of another shape than model: {hf_cfg} vs {cfg}; '
                              f'set the model fields to the checkpoint\'s')
-        return load.place_params(params, target)
-    return checkpoint.restore_params(path, target)
+        return params_lib.place(params, target, 'the converted CLIP weights')
+    return params_lib.restore(path, target)
 
 
-def train(config, workdir: str) -> dict[str, float]:
-    """Train (or resume) the retriever in ``workdir``; returns the last eval metrics."""
-    with loop.Preemption() as preemption:
-        return _train(config, pathlib.Path(workdir).absolute(), preemption)
 
 
-def _train(config, workdir: pathlib.Path, preemption) -> dict[str, float]:
-    parallel.maybe_initialize_distributed()
-    t = config.train
+# ---- The task -----------------------------------------------------------------------------------
 
-    # ---- Mesh: pairs split over the batch axes, parameters by their logical names ----
-    mesh = parallel.mesh_from_config(config.mesh)
-    rules = parallel.rules_from_config(config)
-    shards = parallel.axis_size(mesh, rules, 'act_batch')
-    if t.batch % (shards * t.microbatches) or t.batch % jax.process_count():
-        raise ValueError(f'train.batch={t.batch} must be a multiple of the {shards} batch shards x '
-                         f'train.microbatches={t.microbatches} and of the {jax.process_count()} processes')
+class Retriever(NamedTuple):
+    """What `build` gives the rest of the task (``env.model``)."""
+    cfg: clip.ClipConfig
+    layout: load.TextLayout
 
-    # ---- Text tokenizer and model config, written for the loader ----
-    tok = text_tokenizer(config, workdir)
+
+def build(env: Env) -> Retriever:
+    """The tokenizer (saved into the workdir for the loader) and the model config it implies."""
+    config = env.config
+    tok = text_tokenizer(config, env.workdir)
     layout = load.text_layout(tok, config.model.max_len)
+    if jax.process_index() == 0 and not (env.workdir / 'tokenizer.json').exists():
+        tok.save(env.workdir / 'tokenizer.json')
     cfg = load.clip_config(config.model, layout)
-    if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
-        if not (workdir / 'tokenizer.json').exists():
-            tok.save(workdir / 'tokenizer.json')
+    env.say(f'retriever: {cfg.image_size}px images in patches of {cfg.patch_size}, {cfg.max_len}-token captions '
+            f'over {layout.num_ids} ids; {cfg.projection_dim}-d embeddings')
+    return Retriever(cfg, layout)
 
-    # ---- Data: this process's shard of the source; held-out sets whole on every process ----
+
+def init(env: Env, rng: jax.Array):
+    return clip.init_variables(env.model.cfg, rng)['params']
+
+
+def train_data(env: Env) -> batches_lib.SourceBatches:
+    """This process's shard of ``data.source``, repeated, as image-caption batches."""
+    config = env.config
     source = make_source({**config.data.source.to_dict(), 'shard': (jax.process_index(), jax.process_count())})
-    data = PairBatches(source, t.batch // jax.process_count(), layout, cfg.image_size,
-                       config.data.shuffle_buffer, config.seed)
-    evals = [RecallEval(cfg, layout, s, mesh, rules) for s in eval_sets(config, cfg.image_size)] \
-        if t.eval_every else []
-
-    # ---- Optimizer and state: fresh, resumed, or fine-tuned from init_from ----
-    optimizer = optim.make_optimizer(optim.OptimConfig.from_config(config.optim, t.steps), mask=decay_mask)
-    init_fn = lambda rng: clip.init_variables(cfg, rng)['params']  # noqa: E731
-    target = state_lib.abstract_state(init_fn, optimizer, mesh, rules, jax.random.key(config.seed))
-    ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', every_steps=t.checkpoint_every,
-                                   every_seconds=60 * t.checkpoint_minutes, keep=t.keep, use_async=t.async_checkpoint)
-    state = ckpt.resume(target, data)
-    if state is None and config.init_from:
-        state = state_lib.fresh_optimizer(_init_params(config, cfg, target['params']), optimizer, target)
-    elif state is None:
-        state = state_lib.init_state(init_fn, optimizer, mesh, rules, jax.random.key(config.seed))
-
-    # ---- Update step and hooks ----
-    step = step_lib.make_train_step(make_loss_fn(cfg), optimizer, t.microbatches)
-    batch_sharding = parallel.logical_sharding(mesh, rules, ('act_batch',))
-    train_step = step_lib.jit_train_step(step, state_lib.shardings_of(target), batch_sharding)
-    writer = metrics_lib.MetricWriter(workdir)
-    hooks = [loop.metrics_hook(writer, t.log_every, tokens_per_step=t.batch)]  # "tokens": pairs here
-    if evals:
-        hooks.append(recall_hook(evals, writer, t.eval_every))
-        if int(jax.device_get(state['step'])) == 0:  # the untrained encoder: the baseline of the curve
-            hooks[-1].fn(loop.StepInfo(0, state, {}, 0.0))
-
-    # ---- Train ----
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state, _ = loop.train(state=state, train_step=train_step, data=_Global(data, mesh, rules), num_steps=t.steps,
-                              rng=jax.random.key(config.seed + 1), hooks=hooks, checkpointer=ckpt,
-                              progress=t.progress, desc='retriever', preemption=preemption)
-    ckpt.close()
-    writer.close()
-    rows = _last_eval(workdir)
-    summary = ', '.join(f'{k.removeprefix("eval/")} {v:.3f}' for k, v in rows.items() if k.endswith('_r1'))
-    tqdm.write(f'retriever step {int(jax.device_get(state["step"]))}: {summary or "no eval"}; {workdir}')
-    return rows
+    return batches_lib.SourceBatches(source, config.train.batch // jax.process_count(),
+                                     pair_example(env.model.cfg.image_size, 'data.source'),
+                                     collate=pair_collate(env.model.layout),
+                                     shuffle_buffer=config.data.shuffle_buffer, seed=config.seed)
 
 
-class _Global:
-    """Host-local batches -> global arrays on the batch axes (keeps get_state / set_state)."""
-
-    def __init__(self, local, mesh, rules):
-        self.local, self.mesh, self.rules = local, mesh, rules
-
-    def __next__(self):
-        return parallel.global_batch(next(self.local), self.mesh, self.rules, ('act_batch',))
-
-    def get_state(self):
-        return self.local.get_state()
-
-    def set_state(self, state):
-        self.local.set_state(state)
+def loss(env: Env):
+    return make_loss_fn(env.model.cfg)
 
 
-def _last_eval(workdir: pathlib.Path) -> dict[str, float]:
-    path = workdir / 'metrics.jsonl'
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    last = next((r for r in reversed(rows) if any(k.startswith('eval/') for k in r)), {})
-    return {k: v for k, v in last.items() if k.startswith('eval/')}
+def evals(env: Env, writer: metrics_lib.MetricWriter) -> list[loop.Hook]:
+    every = env.config.train.eval_every
+    if not every:
+        return []
+    sets = [RecallEval(env.model.cfg, env.model.layout, s, env.mesh, env.rules)
+            for s in eval_sets(env.config, env.model.cfg.image_size)]
+    return [recall_hook(sets, writer, every)] if sets else []
+
+
+def summary(env: Env, scalars: dict) -> tuple[dict, str]:
+    evals = {k: v for k, v in scalars.items() if k.startswith('eval/')}
+    line = ', '.join(f'{k.removeprefix("eval/")} {v:.3f}' for k, v in evals.items() if k.endswith('_r1'))
+    return {**evals, 'step': scalars['step']}, line or 'no eval'
+
+
+def task(config) -> Task:
+    """The retriever for `cm3jax.train.run.run` (``config.task == 'retriever'``; configs/clip.py)."""
+    del config  # everything is read from env.config once the mesh exists
+    return Task(name='retriever', build=build, init=init, train_data=train_data, loss=loss, evals=evals,
+                eval_at_start=True, summary=summary, batch_axes=('act_batch',), decay_mask=decay_mask,
+                init_from=init_from)

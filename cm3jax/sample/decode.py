@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,6 +68,29 @@ class SampleConfig:
         if self.cdk_k < 1 or not 0 < self.cdk_alpha <= 1 or not 0 <= self.cdk_fraction <= 1:
             raise ValueError(f'need cdk_k >= 1, 0 < cdk_alpha <= 1, 0 <= cdk_fraction <= 1; got {self.cdk_k}, '
                              f'{self.cdk_alpha}, {self.cdk_fraction}')
+
+
+@flax.struct.dataclass
+class DecodeState:
+    """The `decode` loop's carry, one pytree (S = guidance streams, B = samples, V = vocab).
+
+    step: tokens generated so far; cache / last: the model's KV cache over all S * B rows and its
+    latest logits Float[S * B, V]; small_cache / small_last: the amateur model's (None without
+    one); tokens: Int32[B, max_new], ``<pad>`` where nothing was generated; done: Bool[B];
+    remaining: Int32[B], image codes the row still owes; pending: Bool[B], a finished image
+    awaiting its closing ``<break>``; lengths: Int32[B], tokens generated per row; key: the RNG.
+    """
+    step: jax.Array
+    cache: Any
+    last: jax.Array
+    small_cache: Any
+    small_last: Any
+    tokens: jax.Array
+    done: jax.Array
+    remaining: jax.Array
+    pending: jax.Array
+    lengths: jax.Array
+    key: jax.Array
 
 
 def initial_image_state(prompts: np.ndarray, segment_ids: np.ndarray, vocab: Vocab,
@@ -154,32 +179,33 @@ def decode(model: transformer.Transformer, params, prompts: jax.Array, segment_i
             token = jnp.where(cdk_rows, lp.sample(cdk_key, contrast, sample.temperature, 0, sample.top_p), token)
         return token
 
-    def body(carry):
-        i, cache, last, small_cache, small_last, out, done, remaining, pending, lengths, key = carry
-        key, step_key = jax.random.split(key)
-        token = jnp.where(done, vocab.pad, choose(last, small_last, remaining, pending, step_key))
-        out = out.at[:, i].set(token)
-        lengths = lengths + (~done)
-        in_image = remaining > 0
-        opens_image = (token == vocab.break_) & ~pending  # a forced <break> closes an image instead
-        remaining = jnp.where(done, remaining, jnp.where(in_image, remaining - 1,
-                                                         jnp.where(opens_image, image_tokens, 0)))
+    def body(st: DecodeState) -> DecodeState:
+        key, step_key = jax.random.split(st.key)
+        token = jnp.where(st.done, vocab.pad, choose(st.last, st.small_last, st.remaining, st.pending, step_key))
+        in_image = st.remaining > 0
+        opens_image = (token == vocab.break_) & ~st.pending  # a forced <break> closes an image instead
+        remaining = jnp.where(st.done, st.remaining, jnp.where(in_image, st.remaining - 1,
+                                                               jnp.where(opens_image, image_tokens, 0)))
         finished_image = in_image & (remaining == 0)
-        pending = jnp.where(done, pending, finished_image & (not stop_after_image))
-        done = done | jnp.isin(token, jnp.array((vocab.eos, *stop_tokens))) | (finished_image & stop_after_image)
-        last, cache = transformer.decode_step(model, params, cache, jnp.tile(token, streams))
+        pending = jnp.where(st.done, st.pending, finished_image & (not stop_after_image))
+        done = st.done | jnp.isin(token, jnp.array((vocab.eos, *stop_tokens))) | (finished_image & stop_after_image)
+        last, cache = transformer.decode_step(model, params, st.cache, jnp.tile(token, streams))
+        small_last, small_cache = st.small_last, st.small_cache
         if amateur is not None:
             small_last, small_cache = transformer.decode_step(amateur, amateur_params, small_cache, token)
-        return i + 1, cache, last, small_cache, small_last, out, done, remaining, pending, lengths, key
+        return DecodeState(step=st.step + 1, cache=cache, last=last, small_cache=small_cache, small_last=small_last,
+                           tokens=st.tokens.at[:, st.step].set(token), done=done, remaining=remaining,
+                           pending=pending, lengths=st.lengths + (~st.done), key=key)
 
-    def more(carry):
-        return (carry[0] < max_new) & ~carry[6].all()
+    def more(st: DecodeState) -> jax.Array:
+        return (st.step < max_new) & ~st.done.all()
 
-    out = jnp.full((b, max_new), vocab.pad, jnp.int32)
-    carry = (jnp.int32(0), cache, last, small_cache, small_last, out, jnp.zeros(b, bool),
-             remaining.astype(jnp.int32), pending_break.astype(bool), jnp.zeros(b, jnp.int32), rng)
-    _, _, _, _, _, out, done, _, _, lengths, _ = jax.lax.while_loop(more, body, carry)
-    return {'tokens': out, 'lengths': lengths, 'done': done}
+    start = DecodeState(step=jnp.int32(0), cache=cache, last=last, small_cache=small_cache, small_last=small_last,
+                        tokens=jnp.full((b, max_new), vocab.pad, jnp.int32), done=jnp.zeros(b, bool),
+                        remaining=remaining.astype(jnp.int32), pending=pending_break.astype(bool),
+                        lengths=jnp.zeros(b, jnp.int32), key=rng)
+    end = jax.lax.while_loop(more, body, start)
+    return {'tokens': end.tokens, 'lengths': end.lengths, 'done': end.done}
 
 
 def check_lengths(model_cfg: transformer.TransformerConfig, prompt_len: int, max_new: int) -> None:

@@ -1,4 +1,4 @@
-"""Text-to-image, image-to-text and interleaved continuation on top of `decode` (PAPER.md 1, 5).
+"""Text-to-image, image-to-text and interleaved continuation on top of `decode` (docs/paper.md, "Tokenizers" and "Decoding").
 
     t2i prompt (conditional):   [retrieved docs, each ... <eos>] caption <break>   -> H*W codes
     t2i prompt (unconditional): [retrieved docs]               <mask:0>  <break>   -> CFG's stream

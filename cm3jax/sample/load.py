@@ -9,14 +9,13 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
-import optax
 from ml_collections import ConfigDict
 
-from cm3jax import configuration, parallel
+from cm3jax import params as params_lib, parallel
 from cm3jax.data import prepare
+from cm3jax.lm import config as lm_config
 from cm3jax.model import transformer
 from cm3jax.sample.generate import Generator
-from cm3jax.train import checkpoint, state as state_lib
 
 
 def load_generator(workdir: str | pathlib.Path, mesh: jax.sharding.Mesh | None = None,
@@ -29,16 +28,15 @@ def load_generator(workdir: str | pathlib.Path, mesh: jax.sharding.Mesh | None =
     if not path.exists():
         raise FileNotFoundError(f'{path} is missing: point --workdir at a `cm3jax train` run')
     config = ConfigDict(json.loads(path.read_text()))
-    if config.data.source != 'prepared':
-        raise ValueError(f'{workdir} trained on data.source={config.data.source!r}; sampling images needs a run on '
-                         f'prepared multimodal data (data.source="prepared")')
+    if not config.data.get('dir'):
+        raise ValueError(f'{workdir} trained on the synthetic task; sampling images needs a run on prepared '
+                         f'multimodal data (data.dir, the output of `cm3jax prepare`)')
     _, vocab, tok, vq_params, vq_cfg = prepare.load_tokenizers(config.data.dir)
 
     mesh = mesh or parallel.create_mesh((1, -1, 1))
     rules = parallel.rules_from_config(config)
-    model = transformer.Transformer(configuration.transformer_config(config, mesh, rules))
-    init_fn = lambda rng, x: model.init(rng, x)['params']
+    model = transformer.Transformer(lm_config.transformer_config(config, mesh, rules))
     example = jnp.zeros((parallel.axis_size(mesh, rules, 'act_batch'), 8), jnp.int32)
-    target = state_lib.abstract_state(init_fn, optax.identity(), mesh, rules, jax.random.key(0), example)['params']
-    params = checkpoint.restore_params(workdir, target, step)
+    target = params_lib.abstract(lambda rng: model.init(rng, example)['params'], mesh, rules, jax.random.key(0))
+    params = params_lib.restore(workdir, target, step)
     return Generator(model, params, vocab, tok, vq_params, vq_cfg), mesh, rules

@@ -1,4 +1,4 @@
-"""Pure logits processors: Float[b, v] in, Float[b, v] out (PAPER.md section 5).
+"""Pure logits processors: Float[b, v] in, Float[b, v] out (docs/paper.md, "Decoding").
 
 Guidance combines streams in log-probability space (each stream log-softmaxed first, so a
 per-stream shift of the logits changes nothing); masks and truncations set excluded ids to

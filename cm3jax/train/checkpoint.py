@@ -22,53 +22,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from cm3jax.params import CheckpointMismatch, check_fits, manager
+
 log = logging.getLogger(__name__)
-
-
-class CheckpointMismatch(ValueError):
-    """A checkpoint's tensors do not fit the model it is loaded into."""
-
-
-def _path_str(path) -> str:
-    """Key path -> 'params/layers/attn/wq'; namedtuple fields, dict keys and list indices
-    alike, because orbax's metadata stores optimizer namedtuples as dicts and lists."""
-    parts = []
-    for key in path:
-        for attr in ('key', 'name', 'idx'):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-    return '/'.join(parts)
-
-
-def _shapes(tree) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {_path_str(p): (tuple(x.shape), np.dtype(x.dtype)) for p, x in leaves if hasattr(x, 'shape')}
-
-
-def check_fits(saved, target, where: str, whole: bool = False) -> None:
-    """Raise `CheckpointMismatch` unless the tensors of ``saved`` (orbax metadata) under
-    ``target``'s top-level keys are exactly ``target``'s, with the same shapes; ``where``
-    names the checkpoint in the message. Other top-level keys (e.g. the optimizer state when
-    only params are wanted) are not read, unless ``whole``: then they are extra tensors."""
-    want = _shapes(target)
-    tops = {name.split('/')[0] for name in want}
-    if whole:
-        tops |= {name.split('/')[0] for name in _shapes(saved)}
-    have = {name: v for name, v in _shapes(saved).items() if name.split('/')[0] in tops}
-    # parameters first: they name the model change, while optimizer moments only mirror them
-    first = lambda names: sorted(names, key=lambda name: (not name.startswith('params'), name))
-    missing, extra = first(set(want) - set(have)), first(set(have) - set(want))
-    if missing or extra:
-        name, verb = (missing[0], 'lacks') if missing else (extra[0], 'has')
-        raise CheckpointMismatch(f'{where} {verb} tensor {name!r} that the model '
-                                 f'{"has" if missing else "lacks"} ({len(missing)} missing, {len(extra)} extra '
-                                 f'in all); it was written for a different model or optimizer')
-    for name in first(want):
-        shape = want[name][0]
-        if have[name][0] != shape:
-            raise CheckpointMismatch(f'{where}: tensor {name!r} has shape {have[name][0]} in the checkpoint but '
-                                     f'{shape} in the model; load it with the config it was trained with')
 
 
 def _to_json(state):
@@ -104,11 +60,8 @@ class Checkpointer:
         self.directory = pathlib.Path(directory).absolute()
         self.every_steps, self.every_seconds, self.clock = every_steps, every_seconds, clock
         self._last_save_time = clock()
-        self._manager = ocp.CheckpointManager(
-            self.directory, item_names=('state', 'data'),
-            item_handlers={'state': ocp.StandardCheckpointHandler(), 'data': ocp.JsonCheckpointHandler()},
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=use_async,
-                                                 create=True))
+        self._manager = manager(self.directory, max_to_keep=keep, enable_async_checkpointing=use_async,
+                                create=True)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -180,34 +133,3 @@ def _pick_data_state(states: list, where: str):
         return states[0]
     raise CheckpointMismatch(f'{where} holds data-iterator states for {len(states)} processes, but this run has '
                              f'{jax.process_count()} and the states differ; resume with {len(states)} processes')
-
-
-def restore_params(directory: str | pathlib.Path, target_params, step: int | None = None):
-    """Only the parameters of the checkpoint in ``directory`` (another run's workdir or its
-    ``checkpoints/``), laid out like ``target_params`` (abstract arrays with shardings).
-    For fine-tuning: the optimizer state is not read."""
-    directory = pathlib.Path(directory).absolute()
-    if not (directory / 'checkpoints').is_dir() and not any(p.name.isdigit() for p in directory.glob('*')):
-        raise FileNotFoundError(f'{directory} holds no checkpoints (expected step directories in it or in '
-                                f'{directory}/checkpoints)')
-    if (directory / 'checkpoints').is_dir():
-        directory = directory / 'checkpoints'
-    manager = ocp.CheckpointManager(directory, item_names=('state', 'data'),
-                                    item_handlers={'state': ocp.StandardCheckpointHandler(),
-                                                   'data': ocp.JsonCheckpointHandler()},
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
-    try:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f'no finished checkpoint in {directory}')
-        where = f'checkpoint {directory}/{step}'
-        check_fits(manager.item_metadata(step)['state'], {'params': target_params}, where)
-    finally:
-        manager.close()
-    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape,
-                                                                 dtype=x.dtype), target_params)
-    restored = ocp.PyTreeCheckpointer().restore(
-        directory / str(step) / 'state',
-        args=ocp.args.PyTreeRestore(item={'params': target_params}, restore_args={'params': restore_args},
-                                    partial_restore=True))
-    return restored['params']

@@ -1,7 +1,7 @@
 """The language-model loss: weighted next-token cross-entropy with an optional z-loss.
 
 Generic over models: it takes logits, targets and per-token weights (sentinels and padding
-weigh 0, see DESIGN.md "Loss").
+weigh 0, see docs/architecture.md, "Conventions").
 
 Statistics travel as ``(sum, count)`` pairs, not means, so that microbatches and eval batches
 add up exactly: the mean over a whole batch is ``sum(sums) / sum(counts)`` however it was split.

@@ -63,6 +63,21 @@ class MetricWriter:
             self._tb.close()
 
 
+def latest(workdir: str | pathlib.Path) -> dict[str, float]:
+    """The most recent value of every scalar in ``workdir/metrics.jsonl`` (empty if none), so a
+    finished run, rerun, still reports what it measured."""
+    path = pathlib.Path(workdir) / 'metrics.jsonl'
+    out: dict[str, float] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:  # a line cut short by a kill mid-write
+                continue
+            out.update({k: v for k, v in row.items() if k not in ('step', 'time')})
+    return out
+
+
 def transformer_flops_per_token(*, num_layers: int, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
                                 mlp_dim: int, gated_mlp: bool, vocab_size: int, seq_len: int,
                                 causal: bool = True) -> float:

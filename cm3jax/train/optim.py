@@ -1,4 +1,4 @@
-"""AdamW and learning-rate schedules from config (PAPER.md section 4).
+"""AdamW and learning-rate schedules from config (docs/paper.md, "Training").
 
 Defaults follow the paper: betas (0.9, 0.95), eps 1e-8 (Chameleon: 1e-5), weight decay 0.1 on
 matrices only, global-norm clip 1.0, linear warmup then linear decay.
@@ -10,6 +10,8 @@ import dataclasses
 
 import jax
 import optax
+
+from cm3jax.errors import ConfigError
 
 SCHEDULES = ('constant', 'linear', 'cosine', 'exponential')
 NO_DECAY_NAMES = ('bias', 'scale')  # norm gains and biases: vectors even when stacked per layer
@@ -40,7 +42,6 @@ class OptimConfig:
         return out
 
     def validate(self) -> None:
-        from cm3jax.configuration import ConfigError
         if self.schedule not in SCHEDULES:
             raise ConfigError(f'optim.schedule={self.schedule!r} is unknown; choose one of {SCHEDULES}')
         if self.learning_rate <= 0:

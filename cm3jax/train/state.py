@@ -10,54 +10,43 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from cm3jax import parallel
+from cm3jax import params as params_lib
+from cm3jax.params import shardings_of
 
 State = dict[str, Any]
 
 
-def abstract_state(init_fn: Callable, optimizer: optax.GradientTransformation, mesh: Mesh,
-                   rules: parallel.Rules, *args) -> State:
-    """The state as ``jax.ShapeDtypeStruct``s carrying this mesh's shardings; nothing is
-    allocated. It is the restore target for a checkpoint written on any other mesh."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(init_fn, *args)
-        param_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
-    params = nn.unbox(boxed)
+def state_target(params, optimizer: optax.GradientTransformation, mesh: Mesh) -> State:
+    """The state around abstract ``params`` (`cm3jax.params.abstract`), as structs with
+    shardings: the restore target for a checkpoint written on any other mesh."""
     opt = jax.eval_shape(optimizer.init, params)
     replicated = NamedSharding(mesh, P())
-    opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, opt, param_shardings,
+    opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, opt, shardings_of(params),
                                           transform_non_params=lambda _: replicated)
-    shapes = {'step': jax.ShapeDtypeStruct((), jnp.int32), 'params': params, 'opt': opt}
-    shardings = {'step': replicated, 'params': param_shardings, 'opt': opt_shardings}
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+    opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), opt, opt_shardings)
+    return {'step': jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), 'params': params, 'opt': opt}
 
 
-def shardings_of(tree):
-    """The ``.sharding`` of every leaf (arrays or `abstract_state`'s structs)."""
-    return jax.tree.map(lambda x: x.sharding, tree)
+def abstract_state(init_fn: Callable, optimizer: optax.GradientTransformation, mesh: Mesh, rules, *args) -> State:
+    """`state_target` of the params ``init_fn(*args)`` would create on this mesh; nothing is allocated."""
+    return state_target(params_lib.abstract(init_fn, mesh, rules, *args), optimizer, mesh)
 
 
-def init_state(init_fn: Callable, optimizer: optax.GradientTransformation, mesh: Mesh,
-               rules: parallel.Rules, *args) -> State:
+def init_state(init_fn: Callable, optimizer: optax.GradientTransformation, mesh: Mesh, rules, *args) -> State:
     """Create the state on the mesh: every leaf is born sharded, no host holds a full copy."""
     target = abstract_state(init_fn, optimizer, mesh, rules, *args)
-
-    def init(*args):
-        params = nn.unbox(init_fn(*args))
-        return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt': optimizer.init(params)}
-
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        # waited for: one program in flight at a time (see cm3jax.quickstart.generate)
-        return jax.block_until_ready(jax.jit(init, out_shardings=shardings_of(target))(*args))
+    params, _ = params_lib.init_sharded(init_fn, mesh, rules, *args, target=target['params'])
+    return fresh_optimizer(params, optimizer, target)
 
 
 def fresh_optimizer(params, optimizer: optax.GradientTransformation, target: State) -> State:
     """A step-0 state around ``params`` (e.g. loaded for fine-tuning), laid out like ``target``."""
-    init = lambda params: {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt': optimizer.init(params)}
-    return jax.block_until_ready(jax.jit(init, out_shardings=shardings_of(target))(params))
+    init = lambda params: {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt': optimizer.init(params)}  # noqa: E731
+    shardings = shardings_of({k: target[k] for k in ('step', 'params', 'opt')})
+    # waited for: one program in flight at a time (simulated CPU devices can deadlock otherwise)
+    return jax.block_until_ready(jax.jit(init, out_shardings=shardings)(params))

@@ -9,9 +9,8 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from cm3jax.train import checkpoint
+from cm3jax import params as params_lib
 from cm3jax.vq import model as vq
 
 
@@ -35,7 +34,7 @@ def load_tokenizer(workdir: str | pathlib.Path, mesh: jax.sharding.Mesh | None =
     mesh = mesh or jax.make_mesh((jax.local_device_count(),), ('data',),
                                  axis_types=(jax.sharding.AxisType.Auto,), devices=jax.local_devices())
     example = jnp.zeros((1, cfg.resolution, cfg.resolution, cfg.in_channels))
-    shapes = jax.eval_shape(lambda: vq.VQGAN(cfg).init(jax.random.key(0), example)['params'])
-    replicated = NamedSharding(mesh, P())
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
-    return checkpoint.restore_params(workdir, {'vq': target}, step)['vq'], cfg
+    # the tokenizer's params carry no logical names: replicated on every device of the mesh
+    target = params_lib.abstract(lambda rng: vq.VQGAN(cfg).init(rng, example)['params'], mesh, (),
+                                 jax.random.key(0))
+    return params_lib.restore(workdir, {'vq': target}, step)['vq'], cfg

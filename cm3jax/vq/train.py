@@ -1,30 +1,33 @@
-"""`cm3jax train-tokenizer`: the VQ-GAN trained with the shared train loop (taming's recipe).
+"""The VQ-GAN image tokenizer's `Task` (taming's recipe) for `cm3jax.train.run`.
 
 The generator (encoder, quantizer, decoder) and the PatchGAN discriminator are one parameter
 tree ``{'vq', 'disc'}`` with one optimizer and one loss: each player's term stops the gradient
 into the other's parameters, so the gradient of the sum is exactly (generator grads, discriminator
 grads). That keeps `cm3jax.train.step` (accumulation, NaN guard), `loop`, `checkpoint` and
 `metrics` unchanged. What is not a gradient step, the EMA codebook and the dead-code restart,
-wraps the step.
+wraps the step, and their state (code usage, the EMA's averages) is the task's extra state.
 
-The trainer takes an iterator of {'images': uint8 [B, R, R, C]} batches; it never imports
-`cm3jax.data` (the command wires a source in).
+Images come from any document source (``config.data.source``, a `cm3jax.data.sources.make_source`
+spec: the Shapes world, digits, an image folder, WebDataset tars, TFDS), each document's first
+image, which must be ``model.resolution`` square (folders, tars and TFDS resize with
+``data.source.resize``). Corrupt records are skipped, counted and reported. Held-out images for
+PSNR, code usage and the reconstruction grids: ``data.eval``, overrides of the source.
 """
 
 from __future__ import annotations
 
-import functools
 import pathlib
+from typing import NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
-from tqdm import tqdm
 
-from cm3jax import parallel
-from cm3jax.train import checkpoint, loop, metrics as metrics_lib, optim, state as state_lib, step as step_lib
+from cm3jax.data import batches as batches_lib
+from cm3jax.data.sources import make_source
+from cm3jax.errors import ConfigError
+from cm3jax.train import loop, metrics as metrics_lib, step as step_lib
+from cm3jax.train.run import Env, Task
 from cm3jax.vq import losses, model as vq
 
 STEP_KEYS = ('step', 'params', 'opt')
@@ -46,10 +49,10 @@ def ema_settings(quantizer) -> tuple[float, float]:
     """(``quantizer.ema_decay``, ``quantizer.ema_eps``), checked; decay 0 (the default) is off."""
     decay, eps = float(quantizer.get('ema_decay', 0.0)), float(quantizer.get('ema_eps', 1e-5))
     if not 0.0 <= decay < 1.0:
-        raise ValueError(f'quantizer.ema_decay={decay} must be in [0, 1): 0 turns the EMA codebook off, '
+        raise ConfigError(f'quantizer.ema_decay={decay} must be in [0, 1): 0 turns the EMA codebook off, '
                          f'values like 0.99 turn it on (the weight kept from the old average each step)')
     if decay and not eps > 0.0:
-        raise ValueError(f'quantizer.ema_eps={eps} must be > 0 (the Laplace smoothing that keeps unused codes '
+        raise ConfigError(f'quantizer.ema_eps={eps} must be > 0 (the Laplace smoothing that keeps unused codes '
                          f'finite)')
     return decay, eps
 
@@ -198,112 +201,103 @@ def image_hook(model, params_of, batches, writer, workdir: pathlib.Path, every: 
     return loop.Hook(run, every)
 
 
-def train(config, workdir: str, data, eval_batches) -> dict[str, float]:
-    """Train (or resume) the tokenizer in ``workdir`` on ``data`` (a `cm3jax.train.loop.DataIterator`
-    of host-local {'images': uint8} batches); ``eval_batches()`` yields held-out ones.
-    Returns the last held-out PSNR and code usage."""
-    with loop.Preemption() as preemption:
-        return _train(config, pathlib.Path(workdir).absolute(), data, eval_batches, preemption)
 
 
-def _train(config, workdir, data, eval_batches, preemption) -> dict[str, float]:
-    parallel.maybe_initialize_distributed()
-    say = print if jax.process_index() == 0 else (lambda *a, **k: None)
-    t, lc = config.train, config.loss
-    ema_decay, ema_eps = ema_settings(config.quantizer)
+# ---- The task -----------------------------------------------------------------------------------
 
-    # ---- Mesh: images split over the batch axes, parameters replicated (convnets are small) ----
-    mesh = parallel.mesh_from_config(config.mesh)
-    rules = parallel.rules_from_config(config)
+class Tokenizer(NamedTuple):
+    """What `build` gives the rest of the task (``env.model``)."""
+    model: vq.VQGAN
+    disc: losses.NLayerDiscriminator | None
+    ema_decay: float
+    ema_eps: float
+
+    @property
+    def cfg(self) -> vq.VQConfig:
+        return self.model.cfg
+
+
+def build(env: Env) -> Tokenizer:
+    config = env.config
+    lc = config.loss
     cfg = vq_config(config)
-    shards = parallel.axis_size(mesh, rules, 'act_batch')
-    if t.batch % (shards * t.microbatches) or t.batch % jax.process_count():
-        raise ValueError(f'train.batch={t.batch} must be a multiple of the {shards} batch shards x '
-                         f'train.microbatches={t.microbatches} and of the {jax.process_count()} processes')
-    if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
-
-    # ---- Model, discriminator, optimizer, state ----
-    model = vq.VQGAN(cfg)
+    ema_decay, ema_eps = ema_settings(config.quantizer)
     disc = losses.NLayerDiscriminator(ndf=lc.disc_ndf, n_layers=lc.disc_layers) if lc.disc_weight else None
-    optimizer = optim.make_optimizer(optim.OptimConfig.from_config(config.optim, t.steps))
-    example = jnp.zeros((1, cfg.resolution, cfg.resolution, cfg.in_channels))
+    env.say(f'tokenizer: {cfg.resolution}px -> {cfg.latent_resolution}x{cfg.latent_resolution} codes from '
+            f'{cfg.num_codes}; discriminator {"on" if disc else "off"}; EMA codebook '
+            f'{f"decay {ema_decay}" if ema_decay else "off"}')
+    return Tokenizer(vq.VQGAN(cfg), disc, ema_decay, ema_eps)
 
-    def init_fn(rng, x):
-        params = {'vq': model.init(jax.random.fold_in(rng, 0), x)['params']}
-        if disc is not None:
-            params['disc'] = disc.init(jax.random.fold_in(rng, 1), x)['params']
-        return params
 
-    args = (jax.random.key(config.seed), example)
-    replicated = NamedSharding(mesh, P())
-    target = {**state_lib.abstract_state(init_fn, optimizer, mesh, rules, *args),
-              'usage': jax.ShapeDtypeStruct((cfg.num_codes,), jnp.float32, sharding=replicated)}
-    if ema_decay:  # only then, so checkpoints without the EMA keep their layout
-        target['ema'] = {'count': jax.ShapeDtypeStruct((cfg.num_codes,), jnp.float32, sharding=replicated),
-                         'sum': jax.ShapeDtypeStruct((cfg.num_codes, cfg.embed_dim), jnp.float32,
-                                                     sharding=replicated)}
-    ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', every_steps=t.checkpoint_every,
-                                   every_seconds=60 * t.checkpoint_minutes, keep=t.keep, use_async=t.async_checkpoint)
-    state = ckpt.resume(target, data)
-    if state is None:
-        state = state_lib.init_state(init_fn, optimizer, mesh, rules, *args)
-        state['usage'] = jax.device_put(jnp.zeros(cfg.num_codes, jnp.float32), replicated)
-        if ema_decay:
-            state['ema'] = jax.device_put(vq.ema_init(state['params']['vq']['quantize']['embedding']), replicated)
-    else:
-        say(f'resumed from step {int(state["step"])} in {ckpt.directory}')
-    disc_size = 'off' if disc is None else f'{parallel.num_params(state["params"]["disc"]):,} params'
-    say(f'tokenizer: {parallel.num_params(state["params"]["vq"]):,} params, {cfg.resolution}px -> '
-        f'{cfg.latent_resolution}x{cfg.latent_resolution} codes from {cfg.num_codes}; discriminator {disc_size}')
+def init(env: Env, rng: jax.Array) -> dict:
+    tok = env.model
+    x = jnp.zeros((1, tok.cfg.resolution, tok.cfg.resolution, tok.cfg.in_channels))
+    params = {'vq': tok.model.init(jax.random.fold_in(rng, 0), x)['params']}
+    if tok.disc is not None:
+        params['disc'] = tok.disc.init(jax.random.fold_in(rng, 1), x)['params']
+    return params
 
-    # ---- Update step and hooks ----
-    q = config.quantizer
-    step = make_step(model, disc, lc, optimizer, t.microbatches, q.restart_every, q.restart_min_count,
-                     ema_decay, ema_eps)
-    batch_sharding = parallel.logical_sharding(mesh, rules, ('act_batch',))
-    train_step = step_lib.jit_train_step(step, state_lib.shardings_of(target), batch_sharding)
-    global_batches = _Global(data, mesh, rules)
-    writer = metrics_lib.MetricWriter(workdir)
-    hooks = [loop.metrics_hook(writer, t.log_every, tokens_per_step=t.batch)]  # "tokens": images here
-    if t.eval_every or t.image_every:
-        hooks.append(image_hook(model, lambda s: s['params']['vq'], eval_batches, writer, workdir,
-                                t.eval_every or t.image_every))
 
-    # ---- Train ----
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state, _ = loop.train(state=state, train_step=train_step, data=global_batches, num_steps=t.steps,
-                              rng=jax.random.key(config.seed + 1), hooks=hooks, checkpointer=ckpt,
-                              progress=t.progress, desc='tokenizer', preemption=preemption)
-    ckpt.close()
-    writer.close()
-    rows = _last_eval(workdir)
+def extra_state(env: Env, params) -> dict:
+    """Code usage since the last restart, and the EMA's averages when it is on (only then, so
+    checkpoints without the EMA keep their layout)."""
+    tok = env.model
+    extra = {'usage': jnp.zeros(tok.cfg.num_codes, jnp.float32)}
+    if tok.ema_decay:
+        extra['ema'] = vq.ema_init(params['vq']['quantize']['embedding'])
+    return extra
+
+
+def step(env: Env, optimizer) -> callable:
+    tok, q = env.model, env.config.quantizer
+    return make_step(tok.model, tok.disc, env.config.loss, optimizer, env.config.train.microbatches,
+                     q.restart_every, q.restart_min_count, tok.ema_decay, tok.ema_eps)
+
+
+def _example(env: Env):
+    cfg = env.model.cfg
+    return batches_lib.first_image(cfg.resolution, 'data.source', 'model.resolution', cfg.in_channels)
+
+
+def train_data(env: Env) -> batches_lib.SourceBatches:
+    d = env.config.data
+    source = make_source({**d.source.to_dict(), 'shard': (jax.process_index(), jax.process_count())})
+    return batches_lib.SourceBatches(source, env.config.train.batch // jax.process_count(), _example(env),
+                                     shuffle_buffer=d.shuffle_buffer, seed=env.config.seed)
+
+
+def held_out(env: Env) -> list[dict]:
+    """The fixed held-out batches (``train.eval_batches`` of ``train.batch`` images) of
+    ``data.source`` with ``data.eval``'s overrides, the same on every process."""
+    d, t = env.config.data, env.config.train
+    try:
+        source = make_source({**d.source.to_dict(), **d.eval.to_dict()})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f'data.eval={d.eval.to_dict()} does not fit data.source ({e}); give overrides of '
+                          f'data.source for the held-out images (e.g. "{{\'root\': \'HELD_OUT\'}}" for a folder), '
+                          f'or "{{}}" to evaluate on the first training images') from None
+    images, _ = batches_lib.take(source, t.eval_batches * t.batch, _example(env), 'data.eval')
+    stacked = batches_lib.stack(images)['images']
+    return [{'images': stacked[i:i + t.batch]} for i in range(0, len(stacked), t.batch)]
+
+
+def evals(env: Env, writer: metrics_lib.MetricWriter) -> list[loop.Hook]:
+    t = env.config.train
+    every = t.eval_every or t.image_every
+    if not every:
+        return []
+    fixed = held_out(env)
+    return [image_hook(env.model.model, lambda s: s['params']['vq'], lambda: fixed, writer, env.workdir, every)]
+
+
+def summary(env: Env, scalars: dict) -> tuple[dict, str]:
     nan = float('nan')
-    tqdm.write(f'tokenizer step {int(jax.device_get(state["step"]))}: held-out PSNR {rows.get("eval/psnr", nan):.2f} '
-               f'dB, {rows.get("eval/codes_used", nan):.0%} of codes used; {workdir}')
-    return rows
+    return scalars, (f'held-out PSNR {scalars.get("eval/psnr", nan):.2f} dB, '
+                     f'{scalars.get("eval/codes_used", nan):.0%} of codes used')
 
 
-class _Global:
-    """Host-local batches -> global arrays on the batch axes (keeps get_state / set_state)."""
-
-    def __init__(self, local, mesh, rules):
-        self.local, self.put = local, functools.partial(parallel.global_batch, mesh=mesh, rules=rules,
-                                                        names=('act_batch',))
-
-    def __next__(self):
-        return self.put(next(self.local))
-
-    def get_state(self):
-        return self.local.get_state()
-
-    def set_state(self, state):
-        self.local.set_state(state)
-
-
-def _last_eval(workdir) -> dict[str, float]:
-    import json
-    path = workdir / 'metrics.jsonl'
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    return next((r for r in reversed(rows) if 'eval/psnr' in r), {})
+def task(config) -> Task:
+    """The image tokenizer for `cm3jax.train.run.run` (``config.task == 'vq'``; configs/vq.py)."""
+    del config  # everything is read from env.config once the mesh exists
+    return Task(name='tokenizer', build=build, init=init, train_data=train_data, step=step,
+                extra_state=extra_state, evals=evals, summary=summary, batch_axes=('act_batch',))

@@ -1,4 +1,4 @@
-"""Reading a ConfigDict at the edge: `validate` it, then build the static `TransformerConfig`.
+"""Reading an LM ConfigDict at the edge: `validate` it, then build the static `TransformerConfig`.
 
 Inner code never sees the ConfigDict; it takes a `TransformerConfig` or plain values.
 """
@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from cm3jax import parallel
+from cm3jax.errors import ConfigError
 from cm3jax.model.attention import IMPLEMENTATIONS
 from cm3jax.model.transformer import REMAT_POLICIES, TransformerConfig
 
@@ -25,10 +26,6 @@ CHOICES = {
 }
 POSITIVE = ('vocab_size', 'vocab_multiple', 'num_layers', 'd_model', 'num_heads', 'num_kv_heads',
             'mlp_dim', 'max_len', 'norm_eps', 'qk_norm_eps', 'init_std', 'pos_init_std', 'rope_theta')
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the field and what to change."""
 
 
 def validate(config, num_devices: int | None = None):

@@ -1,5 +1,8 @@
 """Hugging Face transformers' ``CLIPModel`` -> `cm3jax.retrieval.clip` params.
 
+The retriever reads these files directly (`cm3jax.retrieval.load.load_retriever` and the
+trainer's ``init_from`` take a ``save_pretrained`` directory), so the converter lives with it.
+
 Nothing is ever downloaded: users point cm3jax at files they already have, e.g. a copy of
 openai/clip-vit-base-patch32 (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``)::
 
@@ -27,7 +30,7 @@ import jax
 import numpy as np
 import flax.linen as nn
 
-from cm3jax.convert.vqgan import WeightMismatch, load_state_dict
+from cm3jax.params import WeightMismatch, load_state_dict
 from cm3jax.retrieval.clip import ClipConfig, init_variables
 
 # transformers' buffers, saved by older versions; recomputed, never learned

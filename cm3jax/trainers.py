@@ -1,0 +1,50 @@
+"""Which `Task` a config trains: ``config.task`` names it.
+
+    from cm3jax import trainers
+    trainers.train(config, workdir)    # the LM, the image tokenizer or the retriever, by config.task
+
+Every trainer goes through `cm3jax.train.run.run`; this table is the one place that knows the
+families, so that `cm3jax.train` stays generic.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from cm3jax.errors import ConfigError
+from cm3jax.train.run import Task, run
+
+
+def _lm(config) -> Task:
+    from cm3jax.lm.task import task
+    return task(config)
+
+
+def _vq(config) -> Task:
+    from cm3jax.vq.train import task
+    return task(config)
+
+
+def _retriever(config) -> Task:
+    from cm3jax.retrieval.train import task
+    return task(config)
+
+
+TASKS: dict[str, Callable[[object], Task]] = {'lm': _lm, 'vq': _vq, 'retriever': _retriever}
+OTHER_CONFIGS = {'prepare': 'cm3jax prepare'}  # configs that are not trainers, and their command
+
+
+def task_of(config) -> Task:
+    """The `Task` ``config.task`` names; a `ConfigError` listing the tasks otherwise."""
+    name = config.get('task', None)
+    if name in OTHER_CONFIGS:
+        raise ConfigError(f'config.task={name!r} is not a trainer; run it with `{OTHER_CONFIGS[name]}`')
+    if name not in TASKS:
+        raise ConfigError(f'config.task={name!r} is unknown; choose one of {sorted(TASKS)} '
+                          f'(configs/lm.py, configs/vq.py, configs/clip.py)')
+    return TASKS[name](config)
+
+
+def train(config, workdir: str, init_from: str | None = None) -> dict[str, float]:
+    """Train (or resume) ``config.task`` in ``workdir``; returns the run's summary."""
+    return run(config, workdir, task_of(config), init_from=init_from)
