@@ -11,9 +11,12 @@ Commands:
   prepare      documents -> token shards (--config=configs/data.py:shapes --config.out=DIR --config.vq_workdir=DIR)
   build-index  embed --data's documents with --retriever into a memory bank and write every document's
                neighbour list next to its shards (--queries=EVAL_DIR for held-out data, --top_m)
-  sample       text -> images from a --workdir trained on prepared data (--prompt, --num, --cfg, --mode;
-               --retriever=DIR re-ranks by CLIP score, --retrieve=K puts K retrieved documents first)
-  quickstart   fit a few token sequences on the mesh, then regenerate them with the KV cache
+  sample       from a --workdir trained on prepared data: --prompt=CAPTION draws images (--num, --cfg, --mode,
+               --temperature, --top_p, --top_k, --cdk_k, --cdk_alpha; --retriever=DIR re-ranks by CLIP score,
+               --retrieve=K puts K retrieved documents first), --image=PNG writes captions; --judge scores
+               both with the Shapes judge
+  quickstart   the main job on the Shapes world: tokenizers, data, retriever, LM, pictures from captions and
+               captions for pictures, judged (--config=configs/quickstart.py, the default; out/quickstart)
   config       print the resolved, validated config
 """
 
@@ -37,12 +40,19 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'train: directory for checkpoint
 _INIT_FROM = flags.DEFINE_string('init_from', None, 'train: start from the params of the latest checkpoint in '
                                  'this workdir (or weights the task reads), with a fresh optimizer.')
 _PROMPT = flags.DEFINE_multi_string('prompt', None, 'sample: a caption to draw (repeat for several).')
+_IMAGE = flags.DEFINE_multi_string('image', None, 'sample: an image file to caption (repeat for several); RGB, '
+                                   'of the image tokenizer\'s size.')
 _NUM = flags.DEFINE_integer('num', 4, 'sample: images per prompt.')
-_CFG = flags.DEFINE_float('cfg', 3.0, 'sample: classifier-free guidance scale (1 = off).')
-_MODE = flags.DEFINE_enum('mode', 'sample', ['sample', 'cdk', 'mixed'], 'sample: plain sampling, contrastive '
+_CFG = flags.DEFINE_float('cfg', 1.5, 'sample: classifier-free guidance scale (1 = off).')
+_MODE = flags.DEFINE_enum('mode', 'mixed', ['sample', 'cdk', 'mixed'], 'sample: plain sampling, contrastive '
                           'decoding (CD-K), or half of each.')
-_TEMPERATURE = flags.DEFINE_float('temperature', 1.0, 'sample: temperature (0 = greedy).')
+_TEMPERATURE = flags.DEFINE_float('temperature', 0.5, 'sample: temperature (0 = greedy).')
 _TOP_P = flags.DEFINE_float('top_p', 0.9, 'sample: nucleus mass.')
+_TOP_K = flags.DEFINE_integer('top_k', 0, 'sample: keep the k likeliest tokens (0 = off).')
+_CDK_K = flags.DEFINE_integer('cdk_k', 8, 'sample: CD-K\'s k (V_head is measured against the k-th likeliest).')
+_CDK_ALPHA = flags.DEFINE_float('cdk_alpha', 0.5, 'sample: CD-K\'s alpha (V_head keeps p >= alpha * the k-th).')
+_JUDGE = flags.DEFINE_bool('judge', False, 'sample: score the drawn images against their prompts, and the written '
+                           'captions against their images, with the Shapes judge.')
 _SEED = flags.DEFINE_integer('seed', 0, 'sample: random seed.')
 _OUT = flags.DEFINE_string('out', None, 'sample: where samples.png and samples.json go (default WORKDIR/samples).')
 _RETRIEVER = flags.DEFINE_string('retriever', None, 'build-index, sample: a `cm3jax train-retriever` workdir or a '
@@ -82,20 +92,33 @@ def _prepare(config) -> None:
 
 def _sample(config) -> None:
     del config  # the run's own config.json is read from --workdir
-    if not _WORKDIR.value or not _PROMPT.value:
+    if not _WORKDIR.value or not (_PROMPT.value or _IMAGE.value):
         raise app.UsageError('cm3jax sample needs --workdir=DIR (a `cm3jax train` run on prepared data) and '
-                             '--prompt="a red circle left of a blue square" (repeatable)')
+                             '--prompt="a red circle left of a blue square" to draw, or --image=PNG to caption '
+                             '(each repeatable)')
+    if _RETRIEVE.value and not _RETRIEVER.value:
+        raise app.UsageError('--retrieve needs --retriever=DIR (the retriever that built the memory bank)')
     import flax.linen as nn
+    import jax
+    from cm3jax.sample import decode, generate, load
+    gen, mesh, rules = load.load_generator(_WORKDIR.value)
+    images = [generate.read_image(path, gen.vq_cfg.resolution) for path in _IMAGE.value or []]  # before any work
+    where = pathlib.Path(_OUT.value or pathlib.Path(_WORKDIR.value) / 'samples')
+    sample = decode.SampleConfig(cfg_scale=_CFG.value, mode=_MODE.value, temperature=_TEMPERATURE.value,
+                                 top_p=_TOP_P.value, top_k=_TOP_K.value, cdk_k=_CDK_K.value, cdk_alpha=_CDK_ALPHA.value)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        if _PROMPT.value:
+            _draw(gen, sample, where)
+        if images:
+            _caption(gen, images, where)
+
+
+def _draw(gen, sample, where: pathlib.Path) -> None:
     import jax
     import numpy as np
     from PIL import Image
-    from cm3jax.sample import decode, generate, load
-    gen, mesh, rules = load.load_generator(_WORKDIR.value)
-    sample = decode.SampleConfig(cfg_scale=_CFG.value, mode=_MODE.value, temperature=_TEMPERATURE.value,
-                                 top_p=_TOP_P.value)
+    from cm3jax.sample import generate
     retrieved = score_fn = None
-    if _RETRIEVE.value and not _RETRIEVER.value:
-        raise app.UsageError('--retrieve needs --retriever=DIR (the retriever that built the memory bank)')
     if _RETRIEVER.value:
         from cm3jax.retrieval import inference, load as retrieval_load
         retriever = retrieval_load.load_retriever(_RETRIEVER.value)
@@ -103,18 +126,37 @@ def _sample(config) -> None:
         if _RETRIEVE.value:
             data_dir = json.loads((pathlib.Path(_WORKDIR.value) / 'config.json').read_text())['data']['dir']
             retrieved = inference.retrieve(retriever, data_dir, _PROMPT.value, _RETRIEVE.value, vocab=gen.vocab)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        out = generate.text_to_image(gen, _PROMPT.value, num=_NUM.value, sample=sample,
-                                     rng=jax.random.key(_SEED.value), retrieved=retrieved, score_fn=score_fn)
-    where = pathlib.Path(_OUT.value or pathlib.Path(_WORKDIR.value) / 'samples')
+    out = generate.text_to_image(gen, _PROMPT.value, num=_NUM.value, sample=sample, rng=jax.random.key(_SEED.value),
+                                 retrieved=retrieved, score_fn=score_fn)
     where.mkdir(parents=True, exist_ok=True)
     grid = np.concatenate([np.concatenate(list(row), axis=1) for row in out['images']], axis=0)
     Image.fromarray(grid).save(where / 'samples.png')
-    (where / 'samples.json').write_text(json.dumps({
-        'prompts': _PROMPT.value, 'sample': vars(sample), 'codes': out['codes'].tolist(),
-        'scores': out['scores'].tolist() if 'scores' in out else None}, indent=1))
-    print(f'{len(_PROMPT.value)} prompt(s) x {_NUM.value} samples: {where}/samples.png (a row per prompt'
-          f'{", best CLIP score first" if score_fn else ""}), {where}/samples.json')
+    record = {'prompts': _PROMPT.value, 'sample': vars(sample), 'codes': out['codes'].tolist(),
+              'scores': out['scores'].tolist() if 'scores' in out else None}
+    if _JUDGE.value:
+        from cm3jax.data.worlds import shapes_judge
+        record['judge_exact'] = [[shapes_judge.score(im, p)['exact'] for im in row]
+                                 for row, p in zip(out['images'], _PROMPT.value)]
+        print(f'Shapes judge, exact: {np.mean(record["judge_exact"]):.3f} over {np.size(record["judge_exact"])} images')
+    (where / 'samples.json').write_text(json.dumps(record, indent=1))
+    print(f'{len(_PROMPT.value)} prompt(s) x {_NUM.value} samples: the pictures are in {where}/samples.png (a row '
+          f'per prompt{", best CLIP score first" if score_fn else ""}); codes and settings in {where}/samples.json')
+
+
+def _caption(gen, images, where: pathlib.Path) -> None:
+    import numpy as np
+    from cm3jax.sample import generate
+    written = generate.image_to_text(gen, np.stack(images), form='continue')
+    record = [{'image': path, 'caption': text} for path, text in zip(_IMAGE.value, written)]
+    if _JUDGE.value:
+        from cm3jax.data.worlds import shapes_judge
+        for r, image in zip(record, images):
+            r['judge_exact'] = shapes_judge.score(image, r['caption'])['exact']
+    for r in record:
+        print(f'{r["image"]}: {r["caption"]}' + (f'  (judge exact: {r["judge_exact"]:.0f})' if _JUDGE.value else ''))
+    where.mkdir(parents=True, exist_ok=True)
+    (where / 'captions.json').write_text(json.dumps(record, indent=1))
+    print(f'captions of {len(record)} image(s) in {where}/captions.json')
 
 
 def _build_index(config) -> None:
@@ -128,6 +170,9 @@ def _build_index(config) -> None:
 
 
 def _quickstart(config) -> None:
+    if config.get('task') != 'quickstart':
+        raise app.UsageError(f'cm3jax quickstart needs a quickstart config, e.g. --config=configs/quickstart.py; '
+                             f'this config\'s task is {config.get("task")!r}')
     from cm3jax import quickstart
     quickstart.run(config)
 
@@ -193,6 +238,14 @@ def _resolve(spec: str, cwd: str | None) -> str:
     return f'{PRESETS / parts[1]}{sep}{preset}'
 
 
+def default_config(argv: list[str]) -> list[str]:
+    """`cm3jax quickstart` without --config runs configs/quickstart.py (the flag's own default is the LM's)."""
+    given = any(a == '--config' or a.startswith('--config=') for a in argv)
+    if len(argv) > 1 and argv[1] == 'quickstart' and not given:
+        return [argv[0], argv[1], f'--config={PRESETS / "quickstart.py"}', *argv[2:]]
+    return argv
+
+
 def run() -> None:
     """Console-script entry point."""
-    app.run(main, argv=resolve_config_flag(sys.argv))
+    app.run(main, argv=default_config(resolve_config_flag(sys.argv)))

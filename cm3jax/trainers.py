@@ -46,5 +46,7 @@ def task_of(config) -> Task:
 
 
 def train(config, workdir: str, init_from: str | None = None) -> dict[str, float]:
-    """Train (or resume) ``config.task`` in ``workdir``; returns the run's summary."""
-    return run(config, workdir, task_of(config), init_from=init_from)
+    """Train (or resume) ``config.task`` in ``workdir``; returns the run's summary. ``init_from``
+    (else the config's own ``init_from`` field, where it has one) starts a fresh run from those
+    parameters."""
+    return run(config, workdir, task_of(config), init_from=init_from or config.get('init_from', None) or None)

@@ -5,7 +5,7 @@ on Chameleon's architecture switches at that size (``tiny,chameleon``).
 
 Presets and their launch commands (override any field with ``--config.FIELD=VALUE``):
 
-  tiny           2 layers, d_model 64; the tests, the quickstart and `make demo` use it.
+  tiny           2 layers, d_model 64; the tests and the quickstart (configs/quickstart.py) start from it.
                  cm3jax train --config=configs/lm.py:tiny --workdir=/tmp/cm3jax_tiny
   cm3leon_350m   24 layers, d_model 1024, 16 heads, seq 4096.
                  cm3jax train --config=configs/lm.py:cm3leon_350m --workdir=DIR --config.mesh.ici="(1,-1,1)"
@@ -113,7 +113,9 @@ def get_config(arg: str = 'tiny') -> ConfigDict:
         'dir': '', 'eval_dir': '',
         'tasks': 'copy,reverse,sort,add', 'min_len': 2, 'max_len': 8,
         'text_first': 0.5,        # caption-then-image (text-to-image) order, else image first
-        'caption_dropout': 0.0,   # text -> <mask>; CFG's default unconditional prompt <mask:0> needs none
+        # a document's captions -> one <mask> (weight 0), so that the unconditional stream of CFG and
+        # CD-K, T(image | <mask>), is trained; it applies to documents with an image only
+        'caption_dropout': 0.15,
         'cm3_rate': 1.0,          # spans ~ Poisson(rate), clamped to [min, max] (0 = plain causal)
         'cm3_min_spans': 0,
         'cm3_max_spans': 8,       # at most the vocab's sentinels (cm3jax prepare: vocab.num_sentinels)
@@ -124,10 +126,6 @@ def get_config(arg: str = 'tiny') -> ConfigDict:
         'query_weight': 1.0,      # the query's loss weight (RA-CM3 up-weighted it)
         'retrieved_weight': 1.0,  # the retrieved documents' loss weight (0: learn from the query only)
     })
-
-    # The quickstart: fit a few fixed token patterns, then regenerate them with the KV cache.
-    config.quickstart = ConfigDict({'batch': 8, 'seq_len': 64, 'steps': 100, 'learning_rate': 3e-3,
-                                    'prompt_len': 8})
 
     if size == 'chameleon' or 'chameleon' in modifiers:
         apply_chameleon(config, full_size=size == 'chameleon')

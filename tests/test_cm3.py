@@ -111,6 +111,19 @@ def test_layout_orders_breaks_and_caption_dropout():
     assert joined.tolist() == [*text, VOCAB.break_, *image, VOCAB.break_, *image, VOCAB.break_, *text, *text]
 
 
+def test_a_dropped_captions_mask_weighs_nothing():
+    """Caption dropout leaves `<mask>` where the caption was: the unconditional stream's input,
+    never a target, with or without CM3 spans elsewhere in the document."""
+    text, image = np.arange(14, 20).astype(np.int32), (VOCAB.image_offset + np.arange(9)).astype(np.int32)
+    for order in (1.0, 0.0):  # caption-first and image-first
+        dropped = documents.layout([text, image], [False, True], VOCAB, np.random.default_rng(0),
+                                   documents.LayoutConfig(text_first=order, caption_dropout=1.0))
+        for seed in range(20):
+            out, weights = cm3.transform(dropped, VOCAB, np.random.default_rng(seed), cm3.CM3Config(rate=2.0))
+            assert (out == VOCAB.mask).sum() == 1 and weights[out == VOCAB.mask].tolist() == [0.0]
+            assert (weights[~np.isin(out, (*VOCAB.sentinels, VOCAB.mask))] == 1).all()
+
+
 def test_records_round_trip_and_corruption_is_detected():
     segments = [np.arange(14, 20, dtype=np.int32), VOCAB.image_offset + np.arange(9, dtype=np.int32)]
     record = documents.encode_record(segments, [False, True], 'doc-1', image_shape=(3, 3))

@@ -224,6 +224,23 @@ def test_three_streams_reduce_to_two():
     np.testing.assert_array_equal(two['tokens'], three['tokens'])
 
 
+def test_cdk_expert_is_the_conditional_stream():
+    """With k = 1 and alpha = 1, V_head is the expert's argmax alone, so CD-K decodes the expert's
+    greedy path: the conditional stream's by default (the paper's), the CFG-mixed one on request."""
+    model, params, *_ = model_and_params()
+    tokens, segs = guided_prompts()
+    cdk = lambda expert: decode_rows(model, params, tokens, segs, dec.SampleConfig(  # noqa: E731
+        mode='cdk', cdk_k=1, cdk_alpha=1.0, cfg_scale=3.0, cdk_expert=expert))['tokens']
+    conditional = decode_rows(model, params, tokens[:2], segs[:2], dec.SampleConfig(temperature=0))['tokens']
+    guided = decode_rows(model, params, tokens, segs, dec.SampleConfig(temperature=0, cfg_scale=3.0))['tokens']
+    assert (conditional != guided).any()  # the two experts disagree somewhere on this model
+    np.testing.assert_array_equal(cdk('conditional'), conditional)
+    np.testing.assert_array_equal(cdk('guided'), guided)
+    assert dec.SampleConfig().cdk_expert == 'conditional'
+    with pytest.raises(ValueError, match='cdk_expert'):
+        dec.SampleConfig(cdk_expert='amateur')
+
+
 def test_cdk_with_a_second_smaller_model_as_amateur():
     model, params, *_ = model_and_params()
     small, small_params, *_ = build(tiny_config(vocab_size=VOCAB.size, num_layers=1))

@@ -10,8 +10,10 @@ enumerated sentinel ``<mask:i>`` (in order of position) and moved, after ``<mask
 end of the document, before its ``<eos>``, closed by ``<eoss>`` when ``end_of_span``.
 
 Weights are per token, for predicting that token: 0 for every sentinel (their place is
-random, so unpredictable) and 1 elsewhere; the pipeline shifts them with the targets. n = 0
-leaves the document as it is (a plain causal example, as Meta's metaseq allows).
+random, so unpredictable) and for ``<mask>``, the placeholder of a dropped caption (an input
+that the unconditional stream is conditioned on, never something to generate), 1 elsewhere; the
+pipeline shifts them with the targets. n = 0 leaves the document as it is (a plain causal
+example, as Meta's metaseq allows).
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def transform(tokens: np.ndarray, vocab, rng: np.random.Generator,
     tokens = np.asarray(tokens, np.int32)
     spans = sample_spans(tokens, vocab, rng, cfg)
     if not spans:
-        return tokens, np.ones(len(tokens), np.float32)
+        return tokens, _weights(tokens, vocab)
     ends_in_eos = len(tokens) > 0 and tokens[-1] == vocab.eos
     body, moved, prev = [], [], 0
     for k, (i, j) in enumerate(spans):
@@ -88,8 +90,11 @@ def transform(tokens: np.ndarray, vocab, rng: np.random.Generator,
         prev = j
     tail = tokens[prev:-1] if ends_in_eos else tokens[prev:]
     out = np.concatenate([*body, tail, *moved, [vocab.eos] if ends_in_eos else []]).astype(np.int32)
-    weights = np.where(np.isin(out, vocab.sentinels), 0.0, 1.0).astype(np.float32)
-    return out, weights
+    return out, _weights(out, vocab)
+
+
+def _weights(tokens: np.ndarray, vocab) -> np.ndarray:
+    return np.where(np.isin(tokens, (*vocab.sentinels, vocab.mask)), 0.0, 1.0).astype(np.float32)
 
 
 def invert(tokens: np.ndarray, vocab, end_of_span: bool = True) -> np.ndarray:

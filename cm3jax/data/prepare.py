@@ -223,6 +223,18 @@ def read_manifest(data_dir: str | pathlib.Path, vocab: Vocab | None = None) -> d
     return manifest
 
 
+def train_text_tokenizer(source, vocab_size: int, documents: int, path: str | pathlib.Path):
+    """A byte-level BPE of ``vocab_size`` trained on the texts of ``source``'s first ``documents``
+    documents, saved to ``path``: `prepare`'s first step when no tokenizer is given."""
+    from cm3jax import text_tokenizer
+    texts = (t for d in itertools.islice(iter(source), documents) for t in d.texts)
+    tok = text_tokenizer.train_bpe(texts, vocab_size)
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(path)
+    return tok
+
+
 def run(config) -> dict:
     """`cm3jax prepare --config=configs/data.py:shapes --config.out=DIR --config.vq_workdir=DIR`:
     the source, the text tokenizer (``text_tokenizer.path``, else a BPE trained on the source's
@@ -246,11 +258,7 @@ def run(config) -> dict:
     elif saved.exists():  # a resumed run keeps the BPE it trained
         tok = text_tokenizer.TextTokenizer.load(saved)
     else:
-        texts = (t for d in itertools.islice(iter(sources.make_source(config.source)), tc.train_documents)
-                 for t in d.texts)
-        tok = text_tokenizer.train_bpe(texts, tc.vocab_size)
-        out.mkdir(parents=True, exist_ok=True)
-        tok.save(saved)
+        tok = train_text_tokenizer(sources.make_source(config.source), tc.vocab_size, tc.train_documents, saved)
     vocab = Vocab.build(tok.num_text, vq_cfg.num_codes, config.vocab.num_sentinels)
     tqdm.write(f'vocab: {vocab.size} ids ({tok.num_text} text, {vocab.num_image_codes} image codes, '
                f'{len(vocab.special_ids)} specials); set model.vocab_size={vocab.size} to train on it')

@@ -36,6 +36,7 @@ from cm3jax.sample import logits as lp
 from cm3jax.vocab import Vocab
 
 MODES = ('sample', 'cdk', 'mixed')
+CDK_EXPERTS = ('conditional', 'guided')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,8 +47,10 @@ class SampleConfig:
     cfg_scale: text guidance (with 2 or 3 streams); image_cfg_scale: the image-only stream's
       scale (3 streams). mode: 'sample' | 'cdk' | 'mixed' (the first ``cdk_fraction`` of the
       samples use CD-K, the rest plain sampling: the paper's best setting before re-ranking).
-    cdk_k, cdk_alpha: V_head = {t : p_exp(t) >= alpha * k-th largest p_exp}; the expert is the
-      guided distribution, the amateur the unconditional stream (or a second model, `decode`).
+    cdk_k, cdk_alpha: V_head = {t : p_exp(t) >= alpha * k-th largest p_exp}; the amateur is the
+      unconditional stream (or a second model, `decode`).
+    cdk_expert: 'conditional' (the paper's: the conditional stream alone) or 'guided' (the
+      CFG-mixed distribution).
     """
     temperature: float = 1.0
     top_k: int = 0
@@ -58,8 +61,11 @@ class SampleConfig:
     cdk_k: int = 8
     cdk_alpha: float = 0.5
     cdk_fraction: float = 0.5
+    cdk_expert: str = 'conditional'
 
     def __post_init__(self):
+        if self.cdk_expert not in CDK_EXPERTS:
+            raise ValueError(f'cdk_expert={self.cdk_expert!r}; choose from {CDK_EXPERTS}')
         if self.mode not in MODES:
             raise ValueError(f'sample mode {self.mode!r}; choose from {MODES}')
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
@@ -175,7 +181,8 @@ def decode(model: transformer.Transformer, params, prompts: jax.Array, segment_i
         token = lp.sample(plain_key, guided, sample.temperature, sample.top_k, sample.top_p)
         if sample.mode != 'sample':  # V_head is taken among the allowed ids, so it is never empty
             weak = s[1] if small_last is None else small_last[:, :v]
-            contrast = lp.cdk(guided, weak, sample.cdk_k, sample.cdk_alpha)
+            expert = guided if sample.cdk_expert == 'guided' else lp.mask(lp.log_probs(s[0]), allowed)
+            contrast = lp.cdk(expert, weak, sample.cdk_k, sample.cdk_alpha)
             token = jnp.where(cdk_rows, lp.sample(cdk_key, contrast, sample.temperature, 0, sample.top_p), token)
         return token
 

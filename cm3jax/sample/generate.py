@@ -1,7 +1,7 @@
 """Text-to-image, image-to-text and interleaved continuation on top of `decode` (docs/paper.md, "Tokenizers" and "Decoding").
 
     t2i prompt (conditional):   [retrieved docs, each ... <eos>] caption <break>   -> H*W codes
-    t2i prompt (unconditional): [retrieved docs]               <mask:0>  <break>   -> CFG's stream
+    t2i prompt (unconditional): [retrieved docs]               <mask>    <break>   -> CFG's stream
     i2t, CM3 infill form:       <mask:0> <break> [image] <mask:0>                  -> caption <eoss>
     i2t, continuation form:     [image] <break>                                    -> caption <eos>
 
@@ -13,6 +13,7 @@ each function builds host-side prompts, left-pads them into one batch, runs one 
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -32,12 +33,20 @@ ScoreFn = Callable[[np.ndarray, str], np.ndarray]
 
 @dataclasses.dataclass
 class Generator:
+    """What every call needs. caption_dropout: whether the model was trained with
+    ``data.caption_dropout`` (then the unconditional stream's caption is ``<mask>``, the token
+    dropout put there; else ``<mask:0>``, which CM3 shows wherever a whole caption is masked)."""
     model: transformer.Transformer
     params: Any
     vocab: Vocab
     text_tokenizer: Any
     vq_params: Any
     vq_cfg: vq.VQConfig
+    caption_dropout: bool = True
+
+    @property
+    def uncond_token(self) -> int:
+        return self.vocab.mask if self.caption_dropout else self.vocab.sentinel(0)
 
     @property
     def image_tokens(self) -> int:
@@ -45,6 +54,31 @@ class Generator:
 
     def text(self, s: str) -> np.ndarray:
         return self.text_tokenizer.encode_joint(s, self.vocab)
+
+
+def read_image(path: str | pathlib.Path, resolution: int) -> np.ndarray:
+    """An image file to caption -> uint8 [R, R, 3], refused with what to pass when it is missing,
+    not RGB, or not the image tokenizer's ``resolution`` square (no silent resize: the caption
+    would describe a picture the model never saw)."""
+    from PIL import Image
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'--image={path}: no such file; pass a PNG or JPEG of {resolution}x{resolution} '
+                                f'RGB pixels')
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode, size = img.mode, img.size
+            pixels = np.asarray(img)
+    except OSError as e:
+        raise ValueError(f'--image={path} is not a readable image ({e}); pass a PNG or JPEG') from None
+    if mode != 'RGB':
+        raise ValueError(f'--image={path} is a {mode} image; pass an RGB one (e.g. PIL: '
+                         f'Image.open(path).convert("RGB").save(new_path))')
+    if size != (resolution, resolution):
+        raise ValueError(f'--image={path} is {size[0]}x{size[1]}, but this model\'s image tokenizer takes '
+                         f'{resolution}x{resolution}; resize or crop it to that first')
+    return pixels
 
 
 def left_pad(rows: Sequence[np.ndarray], pad: int) -> tuple[np.ndarray, np.ndarray]:
@@ -102,9 +136,7 @@ def text_to_image(gen: Generator, prompts: Sequence[str], *, num: int = 1, sampl
 
     retrieved: per prompt, laid-out token documents (each ending in ``<eos>``) put before both
     streams' prompts (retrieval augmentation at inference). uncond_token: what replaces the
-    caption in the unconditional stream; default ``<mask:0>``, which CM3 training shows in
-    exactly that place whenever a whole caption is masked (``<mask>`` only if the model was
-    trained with ``data.caption_dropout``). A ``sample.mode`` of 'mixed' splits
+    caption in the unconditional stream; default `Generator.uncond_token`. A ``sample.mode`` of 'mixed' splits
     each prompt's samples between CD-K and plain sampling before re-ranking.
     """
     _check_num(num)
@@ -113,7 +145,7 @@ def text_to_image(gen: Generator, prompts: Sequence[str], *, num: int = 1, sampl
     v = gen.vocab
     ctx = [np.concatenate([np.zeros(0, np.int32), *(retrieved[i] if retrieved else [])]) for i in range(len(prompts))]
     cond = [np.concatenate([c, gen.text(p), [v.break_]]).astype(np.int32) for c, p in zip(ctx, prompts)]
-    blank = v.sentinel(0) if uncond_token is None else uncond_token
+    blank = gen.uncond_token if uncond_token is None else uncond_token
     uncond = [np.concatenate([c, [blank, v.break_]]).astype(np.int32) for c in ctx]
     # samples of one prompt are spread over the batch so that 'mixed' gives each prompt both strategies
     order = [(n, p) for n in range(num) for p in range(len(prompts))]

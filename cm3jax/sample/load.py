@@ -39,4 +39,5 @@ def load_generator(workdir: str | pathlib.Path, mesh: jax.sharding.Mesh | None =
     example = jnp.zeros((parallel.axis_size(mesh, rules, 'act_batch'), 8), jnp.int32)
     target = params_lib.abstract(lambda rng: model.init(rng, example)['params'], mesh, rules, jax.random.key(0))
     params = params_lib.restore(workdir, target, step)
-    return Generator(model, params, vocab, tok, vq_params, vq_cfg), mesh, rules
+    dropout = bool(config.data.get('caption_dropout', 0.0))
+    return Generator(model, params, vocab, tok, vq_params, vq_cfg, caption_dropout=dropout), mesh, rules
