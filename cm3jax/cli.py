@@ -187,6 +187,9 @@ def _show_config(config) -> None:
         from cm3jax.vq.train import ema_settings, vq_config
         vq_config(config)
         ema_settings(config.quantizer)
+    elif task == 'quickstart':
+        from cm3jax import quickstart
+        quickstart.world(config)
     elif task != 'prepare':
         from cm3jax import trainers
         trainers.task_of(config)  # an unknown task: the error lists them

@@ -34,17 +34,6 @@ from cm3jax.data.worlds import shapes
 STAGES = ('bpe', 'tokenizer', 'prepare', 'retriever', 'index', 'lm', 'text_to_image', 'captions', 'judge')
 
 
-def override(base, overrides):
-    """``base`` (a ConfigDict) with ``overrides`` (nested dicts) applied field by field."""
-    out = copy.deepcopy(base)
-    for key, value in (overrides.to_dict() if hasattr(overrides, 'to_dict') else overrides).items():
-        if isinstance(value, dict) and key in out and hasattr(out[key], 'keys'):
-            out[key] = override(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def world(config, **fields) -> shapes.ShapesConfig:
     return shapes.ShapesConfig(**{**config.world.to_dict(), **fields})
 
@@ -97,8 +86,7 @@ def bpe(config, out: pathlib.Path) -> dict:
 
 def tokenizer(config, out: pathlib.Path) -> dict:
     from cm3jax import trainers
-    from configs import vq as vq_configs
-    vq = override(vq_configs.get_config(config.vq.preset), {k: v for k, v in config.vq.items() if k != 'preset'})
+    vq = copy.deepcopy(config.vq)
     vq.seed = config.seed
     vq.model.resolution = config.world.canvas
     vq.data.source = source(config, 'train')
@@ -138,8 +126,7 @@ def prepare_data(config, out: pathlib.Path) -> dict:
 
 def retriever(config, out: pathlib.Path) -> dict:
     from cm3jax import trainers
-    from configs import clip as clip_configs
-    clip = override(clip_configs.get_config('tiny'), config.retriever)
+    clip = copy.deepcopy(config.retriever)
     clip.seed = config.seed
     clip.model.image_size = config.world.canvas
     clip.model.max_len = 24  # the longest caption of three objects, with its end token
@@ -162,8 +149,7 @@ def index(config, out: pathlib.Path) -> dict:
 
 def lm_config(config, out: pathlib.Path):
     from cm3jax.data import prepare
-    from configs import lm as lm_configs
-    lm = override(lm_configs.get_config('tiny'), config.lm)
+    lm = copy.deepcopy(config.lm)
     lm.seed = config.seed
     lm.model.vocab_size = prepare.read_manifest(out / 'data')['vocab']['size']
     lm.data.update(dir=str(out / 'data'), eval_dir=str(out / 'eval'))
@@ -203,6 +189,9 @@ def sample_config(config):
                                mode=s.mode, cdk_k=s.cdk_k, cdk_alpha=s.cdk_alpha)
 
 
+ROWS = 512  # samples per decode call: large batches amortise each step's fixed cost
+
+
 def text_to_image(config, out: pathlib.Path) -> dict:
     """Every set's captions drawn ``sample.num`` times (the headline set) or once (the others), and
     the headline's samples scored by CLIP; saved to ``text_to_image.npz``."""
@@ -214,14 +203,13 @@ def text_to_image(config, out: pathlib.Path) -> dict:
     sample, arrays = sample_config(config), {}
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         for number, (name, (cfg, split)) in enumerate(prompt_sets(config).items()):
-            docs = scenes(config, cfg, split, config.sample.prompts)
-            captions = [d.texts[0] for d in docs]
+            captions = [d.texts[0] for d in scenes(config, cfg, split, config.sample.prompts)]
             num = config.sample.num if name == 'main' else 1
-            images = []
-            for start in tqdm(range(0, len(captions), 64), desc=f'draw {name}', unit='x64 prompts', leave=False):
-                chunk = captions[start:start + 64]
+            step, images = max(1, ROWS // num), []
+            for start in tqdm(range(0, len(captions), step), desc=f'draw {name}', unit='call', leave=False):
                 rng = jax.random.fold_in(jax.random.key(config.seed), 1000 * number + start)
-                images.append(generate.text_to_image(gen, chunk, num=num, sample=sample, rng=rng)['images'])
+                images.append(generate.text_to_image(gen, captions[start:start + step], num=num, sample=sample,
+                                                     rng=rng)['images'])
             arrays[f'{name}/images'] = np.concatenate(images)
             arrays[f'{name}/captions'] = np.asarray(captions)
     # CLIP scores of the headline's samples, in one batched pass (the re-ranking of `cm3jax sample --retriever`)
@@ -244,8 +232,8 @@ def captions(config, out: pathlib.Path) -> dict:
     images = np.stack([d.images[0] for d in docs])
     written = []
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        for start in tqdm(range(0, len(images), 64), desc='caption', unit='x64 images', leave=False):
-            written += generate.image_to_text(gen, images[start:start + 64], form='continue')
+        for start in tqdm(range(0, len(images), ROWS), desc='caption', unit='call', leave=False):
+            written += generate.image_to_text(gen, images[start:start + ROWS], form='continue')
     record = [{'true': d.texts[0], 'generated': g} for d, g in zip(docs, written)]
     (out / 'captions.json').write_text(json.dumps(record, indent=1))
     return {'file': str(out / 'captions.json')}
@@ -301,10 +289,9 @@ def judge(config, out: pathlib.Path, done: dict) -> dict:
 
 def run(config) -> dict:
     """Run (or finish) every stage in ``config.out``; returns report.json's contents."""
-    from cm3jax.data.worlds import shapes  # noqa: F401 (fail on a bad world before any stage)
+    world(config)  # a bad world fails here, before any stage
     out = pathlib.Path(config.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    world(config)
     (out / 'config.json').write_text(config.to_json_best_effort(indent=2))
     begin = time.perf_counter()
     stages = Stages(out)

@@ -9,13 +9,17 @@ captions and captions written for pictures, on the Shapes world, judged exactly.
   tiny     the same stages at toy size (a minute or two), for tests and a first look.
            cm3jax quickstart --config=configs/quickstart.py:tiny --config.out=/tmp/qs
 
-Every stage runs a cm3jax command's own function on a preset, with the overrides below, so any
-field of those presets can be changed here: ``--config.lm.train.steps=3000``,
-``--config.vq.model.num_codes=1024``. The stages write into ``out``; a second run reuses the
+Every stage runs a cm3jax command's own function on a whole preset config held here (``vq``,
+``retriever``, ``lm``), so any of their fields can be changed from the command line:
+``--config.lm.train.steps=3000``, ``--config.vq.model.num_codes=1024``. What ties the stages
+together (the world's images and captions, the data directories, the vocab size, the seed, the
+mesh) is set by the quickstart itself. The stages write into ``out``; a second run reuses the
 finished ones, and a run stopped midway continues where it was.
 """
 
 from ml_collections import ConfigDict
+
+from configs import clip as clip_configs, lm as lm_configs, vq as vq_configs
 
 # The Shapes world (cm3jax.data.worlds.shapes.ShapesConfig fields) the demo draws and judges.
 WORLD = {'canvas': 32, 'min_objects': 1, 'max_objects': 3}
@@ -31,33 +35,35 @@ def get_config(arg: str = 'default') -> ConfigDict:
     config.out = 'out/quickstart'
     config.world = ConfigDict(WORLD if not tiny else {'canvas': 16, 'min_objects': 1, 'max_objects': 1})
     # documents drawn for each prepared split: the LM's training data and its held-out loss
-    config.data = ConfigDict({'train': 1000 if tiny else 60_000, 'eval': 128 if tiny else 512,
+    config.data = ConfigDict({'train': 2000 if tiny else 24_000, 'eval': 128 if tiny else 512,
                               'bpe_vocab': 300 if tiny else 400})
 
-    # Stage 2, the image tokenizer: configs/vq.py:PRESET with these overrides.
-    config.vq = ConfigDict({'preset': 'tiny' if tiny else 'shapes',
-                            'train': {'steps': 40 if tiny else 1000}})
-    # Stage 4, the retriever: configs/clip.py:tiny with these overrides.
-    config.retriever = ConfigDict({'train': {'steps': 40 if tiny else 500, 'batch': 32 if tiny else 96},
-                                   'data': {'eval_size': 32 if tiny else 256}})
+    # Stage 2, the image tokenizer: configs/vq.py with these changes (its images come from `world`).
+    config.vq = vq_configs.get_config('tiny' if tiny else 'shapes')
+    config.vq.model.local_encoder = True  # one code per patch, whatever surrounds it (docs/quickstart.md)
+    if tiny:
+        config.vq.model.ch = 32
+    config.vq.train.update(steps=80 if tiny else 600, progress=True)
+    # Stage 4, the retriever: configs/clip.py:tiny with these changes (its pairs come from `world`).
+    config.retriever = clip_configs.get_config('tiny')
+    config.retriever.train.update(steps=40 if tiny else 300, batch=32 if tiny else 96)
+    config.retriever.data.eval_size = 32 if tiny else 256
     config.index = ConfigDict({'top_m': 4})
-    # Stage 5, the LM: configs/lm.py:tiny with these overrides (CM3, retrieval, caption dropout).
-    config.lm = ConfigDict({
-        'model': {'num_layers': 2, 'd_model': 64 if tiny else 128, 'num_heads': 4, 'mlp_dim': 256 if tiny else 512,
-                  'max_len': 192},
-        'train': {'steps': 80 if tiny else 3000, 'batch': 16 if tiny else 64, 'seq_len': 192 if not tiny else 96,
-                  'eval_every': 80 if tiny else 1000, 'checkpoint_every': 40 if tiny else 500, 'log_every': 10},
-        'optim': {'learning_rate': 3e-3 if tiny else 2e-3, 'warmup_steps': 10 if tiny else 100,
-                  'final_lr_fraction': 0.0},
-        'data': {'caption_dropout': 0.15, 'cm3_rate': 0.5, 'retrieved': '0' if tiny else '0,0,0,1',
-                 'text_first': 0.5},
-    })
+    # Stage 5, the LM: configs/lm.py:tiny, wider, with CM3, retrieval augmentation and caption dropout.
+    config.lm = lm_configs.get_config('tiny')
+    config.lm.model.update(num_layers=2, d_model=64 if tiny else 128, num_heads=4, mlp_dim=256 if tiny else 512,
+                           max_len=192)
+    config.lm.train.update(steps=300 if tiny else 700, batch=32 if tiny else 64, seq_len=96,
+                           eval_every=300 if tiny else 350, checkpoint_every=150 if tiny else 350, log_every=10)
+    config.lm.optim.update(learning_rate=3e-3 if tiny else 2e-3, warmup_steps=10 if tiny else 100,
+                           final_lr_fraction=0.0)
+    config.lm.data.update(caption_dropout=0.15, cm3_rate=0.5, retrieved='0', text_first=0.5)
     # Stages 6-8: sampling, captioning and judging.
     config.sample = ConfigDict({
         'prompts': 16 if tiny else 256,      # captions per measured set (each accuracy's sample size)
         'num': 8,                            # samples per prompt; the best by CLIP score is the re-ranked one
-        'cfg_scale': 1.5, 'temperature': 0.5, 'top_p': 0.9, 'top_k': 0,
-        'mode': 'mixed', 'cdk_k': 8, 'cdk_alpha': 0.5,
+        'cfg_scale': 1.5, 'temperature': 1.0, 'top_p': 0.9, 'top_k': 0,
+        'mode': 'sample', 'cdk_k': 2, 'cdk_alpha': 0.5,
         'grid_prompts': 8,                   # rows of samples.png
         'captions': 16 if tiny else 256,     # held-out images captioned
     })

@@ -26,7 +26,7 @@ MODELS = {  # cm3jax.vq.model.VQConfig fields
     'tiny': dict(resolution=16, patch=2, ch=64, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(),
                  z_channels=64, embed_dim=16, num_codes=256),
     'shapes': dict(resolution=32, patch=4, ch=64, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(),
-                   z_channels=64, embed_dim=16, num_codes=512),
+                   z_channels=64, embed_dim=16, num_codes=512, local_encoder=True),
     'cm3leon': dict(resolution=256, patch=1, ch=128, ch_mult=(1, 1, 2, 4), num_res_blocks=2, attn_resolutions=(32,),
                     z_channels=256, embed_dim=256, num_codes=8192),
     'chameleon': dict(resolution=512, patch=1, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,

@@ -2,10 +2,17 @@
 
 import os
 import sys
+import tempfile
 
 # Must precede the first jax import anywhere in the test session.
 os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# One persistent compilation cache for the session, its xdist workers and the commands tests start:
+# many tests compile the same programs (a trainer run three times to test resuming, say), and on
+# two cores compiling is much of the suite's time. Programs are cached only when their compile
+# takes over a second; a cached executable is the same program, so results do not change.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
+    tempfile.gettempdir(), f'cm3jax-test-cache-{os.environ.get("PYTEST_XDIST_TESTRUNUID", os.getpid())}'))
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # for `configs`

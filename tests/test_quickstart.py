@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from cm3jax import quickstart
+from configs import quickstart as qs_configs
 
 ONE_DEVICE = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
 AFTER_LM = ('lm', 'text_to_image', 'captions', 'judge')
@@ -82,16 +83,18 @@ def test_the_quickstart_runs_every_stage_resumes_and_survives_a_kill(tmp_path, r
     shutil.rmtree(out / 'lm')
     for name in ('text_to_image.npz', 'captions.json', 'report.json'):
         (out / name).unlink()
+    lm = qs_configs.get_config('tiny').lm.train
     proc = subprocess.Popen(_command(out), cwd=repo, env=ONE_DEVICE, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
+    first_save = out / 'lm' / 'checkpoints' / str(lm.checkpoint_every)
     deadline = time.time() + 900
-    while time.time() < deadline and proc.poll() is None and not (out / 'lm' / 'checkpoints' / '40').is_dir():
+    while time.time() < deadline and proc.poll() is None and not first_save.is_dir():
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert 'lm' not in json.loads((out / 'stages.json').read_text()), 'the kill came after LM training'
     steps = sorted(int(p.name) for p in (out / 'lm' / 'checkpoints').iterdir() if p.name.isdigit())
-    assert steps and steps[-1] < 80, steps  # stopped midway, with a checkpoint to resume from
+    assert steps and steps[-1] < lm.steps, steps  # stopped midway, with a checkpoint to resume from
     _run(repo, out)
     got = _report(out)
     assert got == want, json.dumps({'want': want, 'got': got}, indent=1)[:4000]
@@ -106,8 +109,7 @@ def test_the_quickstart_refuses_other_configs(repo):
 @pytest.mark.parametrize('fields,message', [({'canvas': 4}, 'ShapesConfig.canvas'),
                                             ({'max_objects': 9, 'canvas': 16}, 'cannot hold max_objects=9')])
 def test_a_bad_world_is_refused_before_any_stage(tmp_path, fields, message):
-    from configs import quickstart as qs
-    config = qs.get_config('tiny')
+    config = qs_configs.get_config('tiny')
     config.out = str(tmp_path / 'qs')
     config.world.update(fields)
     with pytest.raises(ValueError, match=message):

@@ -46,6 +46,12 @@ class VQConfig:
     # 2 or 4 take most of the cost out of small flat-colour images, where full-resolution
     # convolutions dominate the step on a CPU.
     patch: int = 1
+    # Each code sees only its own patch: the encoder's convolutions are 1x1 (2x2 with stride 2 to
+    # downsample), its norms per position and it has no attention. With taming's encoder a code also
+    # carries its surroundings and its place on the canvas (a flat black patch gets one of hundreds
+    # of codes), which an LM must then learn to predict; with a local encoder the same patch is the
+    # same code wherever it is. The decoder keeps its context to draw edges between codes.
+    local_encoder: bool = False
 
     @property
     def latent_resolution(self) -> int:
@@ -84,15 +90,23 @@ def _conv(features: int, kernel: int, name: str, stride: int = 1, padding='SAME'
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding, name=name)
 
 
+def _norm(cfg: VQConfig, name: str, local: bool = False) -> nn.Module:
+    # GroupNorm's statistics span the whole image; a local encoder normalises each position alone
+    if local:
+        return nn.LayerNorm(epsilon=cfg.norm_eps, name=name)
+    return nn.GroupNorm(cfg.norm_groups, epsilon=cfg.norm_eps, name=name)
+
+
 class ResnetBlock(nn.Module):
     out_channels: int
     cfg: VQConfig
+    local: bool = False  # 1x1 convolutions and per-position norms (`VQConfig.local_encoder`)
 
     @nn.compact
     def __call__(self, x):  # [B, H, W, C] -> [B, H, W, out_channels]
-        norm = lambda name: nn.GroupNorm(self.cfg.norm_groups, epsilon=self.cfg.norm_eps, name=name)
-        h = _conv(self.out_channels, 3, 'conv1')(swish(norm('norm1')(x)))
-        h = _conv(self.out_channels, 3, 'conv2')(swish(norm('norm2')(h)))
+        k = 1 if self.local else 3
+        h = _conv(self.out_channels, k, 'conv1')(swish(_norm(self.cfg, 'norm1', self.local)(x)))
+        h = _conv(self.out_channels, k, 'conv2')(swish(_norm(self.cfg, 'norm2', self.local)(h)))
         if x.shape[-1] != self.out_channels:
             x = _conv(self.out_channels, 1, 'nin_shortcut')(x)
         return x + h
@@ -118,25 +132,30 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, x):  # [B, R, R, in_channels] in [-1, 1] -> [B, r, r, z_channels]
         cfg = self.cfg
+        local = cfg.local_encoder
+        k = 1 if local else 3
         if cfg.patch > 1:
             x = space_to_depth(x, cfg.patch)
-        h = _conv(cfg.ch, 3, 'conv_in')(x)
+        h = _conv(cfg.ch, k, 'conv_in')(x)
         res = cfg.resolution // cfg.patch
         for i, mult in enumerate(cfg.ch_mult):
             for j in range(cfg.num_res_blocks):
-                h = ResnetBlock(cfg.ch * mult, cfg, name=f'down_{i}_block_{j}')(h)
-                if res in cfg.attn_resolutions:
+                h = ResnetBlock(cfg.ch * mult, cfg, local, name=f'down_{i}_block_{j}')(h)
+                if res in cfg.attn_resolutions and not local:
                     h = AttnBlock(cfg, name=f'down_{i}_attn_{j}')(h)
             if i != len(cfg.ch_mult) - 1:
-                # torch pads (0, 1, 0, 1) then convolves with stride 2 and no padding
-                h = jnp.pad(h, ((0, 0), (0, 1), (0, 1), (0, 0)))
-                h = _conv(h.shape[-1], 3, f'down_{i}_downsample', stride=2, padding='VALID')(h)
+                if local:  # non-overlapping: each output still sees one patch
+                    h = _conv(h.shape[-1], 2, f'down_{i}_downsample', stride=2, padding='VALID')(h)
+                else:  # torch pads (0, 1, 0, 1) then convolves with stride 2 and no padding
+                    h = jnp.pad(h, ((0, 0), (0, 1), (0, 1), (0, 0)))
+                    h = _conv(h.shape[-1], 3, f'down_{i}_downsample', stride=2, padding='VALID')(h)
                 res //= 2
-        h = ResnetBlock(h.shape[-1], cfg, name='mid_block_1')(h)
-        h = AttnBlock(cfg, name='mid_attn_1')(h)
-        h = ResnetBlock(h.shape[-1], cfg, name='mid_block_2')(h)
-        h = swish(nn.GroupNorm(cfg.norm_groups, epsilon=cfg.norm_eps, name='norm_out')(h))
-        return _conv(cfg.z_channels, 3, 'conv_out')(h)
+        h = ResnetBlock(h.shape[-1], cfg, local, name='mid_block_1')(h)
+        if not local:
+            h = AttnBlock(cfg, name='mid_attn_1')(h)
+        h = ResnetBlock(h.shape[-1], cfg, local, name='mid_block_2')(h)
+        h = swish(_norm(cfg, 'norm_out', local)(h))
+        return _conv(cfg.z_channels, k, 'conv_out')(h)
 
 
 class Decoder(nn.Module):
