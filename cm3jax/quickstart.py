@@ -143,7 +143,8 @@ def index(config, out: pathlib.Path) -> dict:
     # so the paper's 0.9 caps would drop exactly the relevant documents: off here (docs/quickstart.md)
     caps = select.SelectConfig(max_query_score=float('inf'), max_pair_similarity=float('inf'))
     summary = build.build_index(out / 'data', load.load_retriever(out / 'retriever'),
-                                build.BuildConfig(top_m=config.index.top_m, select=caps), queries=[out / 'eval'])
+                                build.BuildConfig(top_m=config.index.top_m, batch=256, select=caps),
+                                queries=[out / 'eval'])
     return {k: v for k, v in summary.items() if isinstance(v, (int, float))}
 
 
