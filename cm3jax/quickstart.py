@@ -161,7 +161,23 @@ def lm_config(config, out: pathlib.Path):
 def lm(config, out: pathlib.Path) -> dict:
     from cm3jax import trainers
     cfg = lm_config(config, out)
-    return _finished(trainers.train(cfg, str(out / 'lm')), cfg.train.steps, 'the LM')
+    summary = _finished(trainers.train(cfg, str(out / 'lm')), cfg.train.steps, 'the LM')
+    return {**summary, **guidance_gap(config, out)}
+
+
+def guidance_gap(config, out: pathlib.Path) -> dict:
+    """Held-out image-token NLL after the caption and after the unconditional prompt: guidance
+    subtracts the second stream, so it must be trained (caption dropout) to mean anything."""
+    import flax.linen as nn
+    import jax
+    from cm3jax.sample import generate, load
+    gen, mesh, rules = load.load_generator(out / 'lm')
+    docs = scenes(config, *prompt_sets(config)['main'], config.sample.prompts)
+    images, captions = np.stack([d.images[0] for d in docs]), [d.texts[0] for d in docs]
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        nll = generate.image_nll(gen, captions + [None] * len(captions), np.concatenate([images, images]))
+    return {'image_nll_conditional': float(nll[:len(docs)].mean()),
+            'image_nll_unconditional': float(nll[len(docs):].mean())}
 
 
 # ---- 7-9: sampling, captioning, judging ----------------------------------------------------------
@@ -193,33 +209,51 @@ def sample_config(config):
 ROWS = 512  # samples per decode call: large batches amortise each step's fixed cost
 
 
+def draw(gen, captions: list[str], num: int, sample, seed: int, desc: str = 'draw') -> np.ndarray:
+    """``num`` images per caption -> uint8 [P, num, R, R, 3], in decode calls of about ``ROWS``
+    samples, each call's key folded from ``seed`` and its first caption's index."""
+    import jax
+    from cm3jax.sample import generate
+    step, images = max(1, ROWS // num), []
+    width = 1 + max(len(gen.text(c)) for c in captions)  # caption <break>: every call of one shape
+    for start in tqdm(range(0, len(captions), step), desc=desc, unit='call', leave=False):
+        rng = jax.random.fold_in(jax.random.key(seed), start)
+        images.append(generate.text_to_image(gen, captions[start:start + step], num=num, sample=sample,
+                                             rng=rng, pad_to=width)['images'])
+    return np.concatenate(images)
+
+
 def text_to_image(config, out: pathlib.Path) -> dict:
     """Every set's captions drawn ``sample.num`` times (the headline set) or once (the others), and
     the headline's samples scored by CLIP; saved to ``text_to_image.npz``."""
     import flax.linen as nn
     import jax
     from cm3jax.retrieval import load as retrieval_load
-    from cm3jax.sample import generate, load
+    from cm3jax.sample import load
     gen, mesh, rules = load.load_generator(out / 'lm')
     sample, arrays = sample_config(config), {}
+    sets = {name: [d.texts[0] for d in scenes(config, cfg, split, config.sample.prompts)]
+            for name, (cfg, split) in prompt_sets(config).items()}
+    once = [name for name in sets if name != 'main']  # one sample per caption: drawn together, in calls of one shape
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        for number, (name, (cfg, split)) in enumerate(prompt_sets(config).items()):
-            captions = [d.texts[0] for d in scenes(config, cfg, split, config.sample.prompts)]
-            num = config.sample.num if name == 'main' else 1
-            step, images = max(1, ROWS // num), []
-            for start in tqdm(range(0, len(captions), step), desc=f'draw {name}', unit='call', leave=False):
-                rng = jax.random.fold_in(jax.random.key(config.seed), 1000 * number + start)
-                images.append(generate.text_to_image(gen, captions[start:start + step], num=num, sample=sample,
-                                                     rng=rng)['images'])
-            arrays[f'{name}/images'] = np.concatenate(images)
-            arrays[f'{name}/captions'] = np.asarray(captions)
-    # CLIP scores of the headline's samples, in one batched pass (the re-ranking of `cm3jax sample --retriever`)
-    retriever = retrieval_load.load_retriever(out / 'retriever')
-    drawn = arrays['main/images']
-    flat = retriever.score(drawn.reshape(-1, *drawn.shape[2:]), list(np.repeat(arrays['main/captions'], drawn.shape[1])))
-    arrays['main/scores'] = flat.reshape(drawn.shape[:2])
+        main = draw(gen, sets['main'], config.sample.num, sample, config.seed, 'draw main')
+        rest = draw(gen, sum((sets[name] for name in once), []), 1, sample, config.seed + 1, 'draw the other sets')
+    arrays['main/images'] = main
+    for name, images in zip(once, np.split(rest, len(once))):
+        arrays[f'{name}/images'] = images
+    for name, captions in sets.items():
+        arrays[f'{name}/captions'] = np.asarray(captions)
+    arrays['main/scores'] = clip_scores(retrieval_load.load_retriever(out / 'retriever'), arrays['main/images'],
+                                        arrays['main/captions'])
     np.savez_compressed(out / 'text_to_image.npz', **arrays)
     return {'file': str(out / 'text_to_image.npz')}
+
+
+def clip_scores(retriever, images: np.ndarray, captions) -> np.ndarray:
+    """uint8 [P, N, R, R, 3] and P captions -> Float[P, N] CLIP scores, in one batched pass (the
+    re-ranking of `cm3jax sample --retriever`)."""
+    flat = retriever.score(images.reshape(-1, *images.shape[2:]), list(np.repeat(captions, images.shape[1])))
+    return np.asarray(flat).reshape(images.shape[:2])
 
 
 def captions(config, out: pathlib.Path) -> dict:
@@ -247,6 +281,14 @@ def rate(hits) -> dict:
     return {'value': p, 'se': float(np.sqrt(p * (1 - p) / max(len(hits), 1))), 'n': int(len(hits))}
 
 
+def judge_drawn(images: np.ndarray, captions, cfg: shapes.ShapesConfig, desc: str = 'judge') -> dict:
+    """uint8 [P, N, R, R, 3] drawn for P captions -> {'exact', 'attr': Float[P, N]} by the Shapes judge."""
+    from cm3jax.data.worlds import shapes_judge
+    scored = [[shapes_judge.score(im, str(c), cfg) for im in row]
+              for row, c in tqdm(zip(images, captions), total=len(captions), desc=desc, leave=False)]
+    return {k: np.array([[s[k] for s in row] for row in scored]) for k in ('exact', 'attr')}
+
+
 def judge(config, out: pathlib.Path, done: dict) -> dict:
     """The report: every drawn image scored against its caption, every written caption against
     its image, by the Shapes judge; then report.md, samples.png and captions.md."""
@@ -256,12 +298,8 @@ def judge(config, out: pathlib.Path, done: dict) -> dict:
     arrays = np.load(out / 'text_to_image.npz')
     t2i, attr = {}, {}
     for name in prompt_sets(config):
-        images, captions = arrays[f'{name}/images'], arrays[f'{name}/captions']
-        scored = [[shapes_judge.score(im, str(c), cfg) for im in row]
-                  for row, c in tqdm(zip(images, captions), total=len(captions), desc=f'judge {name}', leave=False)]
-        exact = np.array([[s['exact'] for s in row] for row in scored])
-        attr[name] = rate([row[0]['attr'] for row in scored])
-        t2i[name] = {'exact': exact}
+        judged = judge_drawn(arrays[f'{name}/images'], arrays[f'{name}/captions'], cfg, f'judge {name}')
+        t2i[name], attr[name] = {'exact': judged['exact']}, rate(judged['attr'][:, 0])
     main = t2i['main']['exact']
     best = arrays['main/scores'].argmax(1)
     report = {
@@ -281,8 +319,8 @@ def judge(config, out: pathlib.Path, done: dict) -> dict:
     report['image_to_text'] = {'exact': rate([s['exact'] for s in i2t]), 'attr': rate([s['attr'] for s in i2t])}
     report['tokenizer'] = {'judge_roundtrip': done['tokenizer']['result']['judge_roundtrip'],
                            'psnr': done['tokenizer']['result'].get('eval/psnr')}
-    report['lm'] = {k: v for k, v in done['lm']['result'].items() if k in ('loss', 'eval/loss', 'text/nll', 'image/nll',
-                                                                           'eval/image/nll', 'eval/text/nll')}
+    keep = ('loss', 'eval/loss', 'eval/image/nll', 'eval/text/nll', 'image_nll_conditional', 'image_nll_unconditional')
+    report['lm'] = {k: v for k, v in done['lm']['result'].items() if k in keep}
     report['sample'] = config.sample.to_dict()
     quickstart_report.write(out, report, arrays, main, best, written, [s['exact'] for s in i2t], docs)
     return report

@@ -64,3 +64,36 @@ def test_a_stopped_trainer_is_not_marked_done(ablation, tmp_path, monkeypatch):
         ablation.main([f'--workdir={tmp_path}'])
     assert not (tmp_path / 'vq' / '.done').exists()
     assert ablation.steps_saved(tmp_path / 'vq') == 200 and ablation.steps_saved(tmp_path / 'none') == 0
+
+
+@pytest.fixture(scope='module')
+def sweep(repo):
+    spec = importlib.util.spec_from_file_location('quickstart_sweep', os.path.join(repo, 'experiments',
+                                                                                   'quickstart_sweep.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_sampling_sweep_checks_arguments_and_tables_every_setting(sweep, tmp_path):
+    with pytest.raises(SystemExit):
+        sweep.parse_args(['--modes=sample,beam'])
+    args = sweep.parse_args(['--cfg=1,3', '--temperatures=0.5'])
+    assert args.cfg == [1.0, 3.0] and args.modes == list(sweep.MODES)
+    rate = lambda v: {'value': v, 'se': 0.01, 'n': 128}
+    settings = {sweep.key(c, 0.5, m): {'cfg': c, 'temperature': 0.5, 'mode': m, 'single': rate(0.1 * c + 0.1 * i),
+                                       'reranked': rate(0.2 * c), 'any': rate(0.9), 'seconds': 1.0}
+                for c in args.cfg for i, m in enumerate(sweep.MODES)}
+    results = {'prompts': 128, 'top_p': 0.9, 'cdk_k': 2, 'cdk_alpha': 0.5, 'settings': settings}
+    md = sweep.table(results, args)
+    rows = [line for line in md.splitlines() if line.startswith('| 1 ') or line.startswith('| 3 ')]
+    assert len(rows) == 6
+    (best,) = [r for r in rows if r.count('**(best)**') == 1 and '| mixed |' in r and r.startswith('| 3')]
+    assert '0.500 ± 0.010 **(best)**' in best  # the best single-sample setting: CFG 3, mixed
+    sweep.plot(results, args, tmp_path / 'sweep.png')
+    assert Image.open(tmp_path / 'sweep.png').size[0] > 300
+
+
+def test_the_sweep_needs_a_finished_quickstart(sweep, tmp_path):
+    with pytest.raises(SystemExit, match='is not a finished quickstart directory'):
+        sweep.main([f'--out={tmp_path}', f'--results={tmp_path / "r"}'])

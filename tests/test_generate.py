@@ -67,3 +67,35 @@ def test_bad_requests_are_refused(gen):
         generate.image_to_text(gen, np.zeros((1, 16, 16, 3), np.uint8))
     with pytest.raises(ValueError, match="form='caption'"):
         generate.image_to_text(gen, np.zeros((1, 8, 8, 3), np.uint8), form='caption')
+
+
+def test_image_nll_scores_each_image_after_either_stream(gen):
+    images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    captions = ['a red circle', 'a blue square', 'a red circle left of a blue square']
+    both = generate.image_nll(gen, captions + [None] * 3, np.concatenate([images, images]), batch=4)
+    cond, uncond = both[:3], both[3:]
+    assert both.shape == (6,) and np.isfinite(both).all() and (both > 0).all()
+    assert not np.allclose(cond, uncond)  # the caption reaches the image tokens
+    # the same image after the same prompt scores the same, whatever shares its batch or padding
+    alone = generate.image_nll(gen, captions[1:2], images[1:2])
+    np.testing.assert_allclose(alone, cond[1:2], rtol=1e-5)
+    np.testing.assert_allclose(generate.image_nll(gen, [None], images[2:3]), uncond[2:3], rtol=1e-5)
+    with pytest.raises(ValueError, match='one caption'):
+        generate.image_nll(gen, captions[:2], images)
+
+
+def test_read_image_says_what_to_pass(tmp_path):
+    from PIL import Image
+    with pytest.raises(FileNotFoundError, match=r'no such file; pass a PNG or JPEG of 8x8 RGB'):
+        generate.read_image(tmp_path / 'missing.png', 8)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / 'grey.png')
+    with pytest.raises(ValueError, match=r'is a L image; pass an RGB one'):
+        generate.read_image(tmp_path / 'grey.png', 8)
+    Image.fromarray(np.zeros((8, 12, 3), np.uint8)).save(tmp_path / 'wide.png')
+    with pytest.raises(ValueError, match=r'is 12x8, but this model\'s image tokenizer takes 8x8'):
+        generate.read_image(tmp_path / 'wide.png', 8)
+    (tmp_path / 'junk.png').write_bytes(b'not an image')
+    with pytest.raises(ValueError, match='is not a readable image'):
+        generate.read_image(tmp_path / 'junk.png', 8)
+    Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(tmp_path / 'ok.png')
+    assert (generate.read_image(tmp_path / 'ok.png', 8) == 7).all()

@@ -81,9 +81,10 @@ def read_image(path: str | pathlib.Path, resolution: int) -> np.ndarray:
     return pixels
 
 
-def left_pad(rows: Sequence[np.ndarray], pad: int) -> tuple[np.ndarray, np.ndarray]:
-    """Ragged Int rows -> (tokens, segment_ids) Int32[N, T], left-padded (segment id 0 on padding)."""
-    t = max(len(r) for r in rows)
+def left_pad(rows: Sequence[np.ndarray], pad: int, width: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged Int rows -> (tokens, segment_ids) Int32[N, T], left-padded (segment id 0 on padding)
+    to the longest row, or to ``width`` when that is longer."""
+    t = max(width, max(len(r) for r in rows))
     tokens, segs = np.full((len(rows), t), pad, np.int32), np.zeros((len(rows), t), np.int32)
     for i, r in enumerate(rows):
         if len(r):
@@ -102,13 +103,14 @@ def batch_multiple() -> int:
 
 
 def _run(gen: Generator, streams: list[list[np.ndarray]], sample: dec.SampleConfig, rng, max_new: int,
-         stop_after_image: bool = False, stop_tokens: tuple[int, ...] = ()) -> dict[str, np.ndarray]:
+         stop_after_image: bool = False, stop_tokens: tuple[int, ...] = (), pad_to: int = 0) -> dict[str, np.ndarray]:
     """streams: per guidance stream, one prompt per sample (same count in each). The samples
-    are padded with copies to a multiple of the mesh's batch split and the copies dropped."""
+    are padded with copies to a multiple of the mesh's batch split and the copies dropped;
+    prompts are left-padded to the longest, or to ``pad_to`` (calls of one shape compile once)."""
     n = len(streams[0])
     extra = -n % batch_multiple()
     streams = [list(s) + [s[-1]] * extra for s in streams]
-    tokens, segs = left_pad([r for stream in streams for r in stream], gen.vocab.pad)
+    tokens, segs = left_pad([r for stream in streams for r in stream], gen.vocab.pad, pad_to)
     dec.check_lengths(gen.model.cfg, tokens.shape[1], max_new)
     b = len(streams[0])
     remaining, pending = dec.initial_image_state(tokens[:b], segs[:b], gen.vocab, gen.image_tokens)
@@ -130,14 +132,16 @@ def _guided(sample: dec.SampleConfig) -> bool:
 
 def text_to_image(gen: Generator, prompts: Sequence[str], *, num: int = 1, sample: dec.SampleConfig = dec.SampleConfig(),
                   rng: jax.Array | None = None, retrieved: Sequence[Sequence[np.ndarray]] | None = None,
-                  score_fn: ScoreFn | None = None, uncond_token: int | None = None) -> dict[str, np.ndarray]:
+                  score_fn: ScoreFn | None = None, uncond_token: int | None = None,
+                  pad_to: int = 0) -> dict[str, np.ndarray]:
     """``num`` images per prompt -> {'images': uint8 [P, num, R, R, C], 'codes': [P, num, h, w],
     'scores': [P, num] (when ``score_fn``; samples sorted best first)}.
 
     retrieved: per prompt, laid-out token documents (each ending in ``<eos>``) put before both
     streams' prompts (retrieval augmentation at inference). uncond_token: what replaces the
     caption in the unconditional stream; default `Generator.uncond_token`. A ``sample.mode`` of 'mixed' splits
-    each prompt's samples between CD-K and plain sampling before re-ranking.
+    each prompt's samples between CD-K and plain sampling before re-ranking. pad_to: left-pad the
+    prompts to this many tokens (0: the longest), so that calls over many batches compile once.
     """
     _check_num(num)
     if not prompts:
@@ -151,7 +155,7 @@ def text_to_image(gen: Generator, prompts: Sequence[str], *, num: int = 1, sampl
     order = [(n, p) for n in range(num) for p in range(len(prompts))]
     streams = [[cond[p] for n, p in order]] + ([[uncond[p] for n, p in order]] if _guided(sample) else [])
     out = _run(gen, streams, sample, rng if rng is not None else jax.random.key(0), gen.image_tokens,
-               stop_after_image=True)
+               stop_after_image=True, pad_to=pad_to)
     r = gen.vq_cfg.latent_resolution
     codes = np.asarray(v.image_codes(out['tokens'][:, :gen.image_tokens])).reshape(num, len(prompts), r, r)
     codes = codes.transpose(1, 0, 2, 3)  # [P, num, r, r]
@@ -217,3 +221,40 @@ def continue_document(gen: Generator, segments: Sequence[documents.Segment], *, 
         else:
             parts.append(gen.text_tokenizer.decode_joint(piece[v.is_text(piece)], v))
     return parts
+
+
+def image_nll(gen: Generator, captions: Sequence[str | None], images: np.ndarray, *, batch: int = 256) -> np.ndarray:
+    """Mean NLL, in nats per image token, of each uint8 image [N, R, R, C] drawn after its
+    caption (``caption <break>``, the conditional stream) or, where the caption is None, after
+    the unconditional stream's prompt (``<mask> <break>``, what classifier-free guidance
+    subtracts) -> Float64[N].
+
+    Guidance needs both streams trained: with caption dropout the unconditional loss sits a
+    little above the conditional one; without it the unconditional stream is never seen."""
+    if len(captions) != len(images):
+        raise ValueError(f'image_nll needs one caption (or None) per image; got {len(captions)} and {len(images)}')
+    v = gen.vocab
+    codes = np.asarray(vq.encode(gen.vq_params, images, gen.vq_cfg)).reshape(len(images), -1)
+    targets = np.asarray(v.image_ids(codes), np.int32)
+    prompts = [np.concatenate([[gen.uncond_token] if c is None else gen.text(c), [v.break_]]).astype(np.int32)
+               for c in captions]
+    rows = [np.concatenate([p, t[:-1]]) for p, t in zip(prompts, targets)]
+    dec.check_lengths(gen.model.cfg, max(map(len, rows)), 1)
+    n_img = targets.shape[1]
+
+    @jax.jit
+    def nll(params, tokens, segs, want):
+        logits = gen.model.apply({'params': params}, tokens, segs)[:, -n_img:, :v.size].astype(jnp.float32)
+        picked = jnp.take_along_axis(jax.nn.log_softmax(logits), want[..., None], axis=-1)[..., 0]
+        return -picked.mean(axis=1)
+
+    out, split = [], batch_multiple()
+    width = max(map(len, rows))  # one padded length for every chunk: one compile
+    for start in range(0, len(rows), batch):
+        chunk, want = rows[start:start + batch], targets[start:start + batch]
+        extra = -len(chunk) % split  # the mesh splits the batch: pad with copies, drop them after
+        tokens, segs = left_pad(chunk + chunk[-1:] * extra, v.pad, width)
+        want = np.concatenate([want, np.repeat(want[-1:], extra, 0)])
+        out.append(np.asarray(jax.device_get(nll(gen.params, jnp.asarray(tokens), jnp.asarray(segs),
+                                                 jnp.asarray(want))))[:len(chunk)])
+    return np.concatenate(out).astype(np.float64)
