@@ -36,7 +36,7 @@ def forward(model):
     return jax.jit(lambda params, tokens, segment_ids=None: model.apply({'params': params}, tokens, segment_ids))
 
 
-def hf_clip_dir(path, words, layers: int = 2, max_positions: int = 16):
+def hf_clip_dir(path, words, layers: int = 2, max_positions: int = 16, image_size: int = 32):
     """A tiny random HF CLIP saved with ``save_pretrained`` in ``path``, beside a word-level
     tokenizer.json over ``words`` with OpenAI's end tokens (ids 98 and 99): what
     `cm3jax.retrieval.load.load_retriever` reads as HF CLIP weights. Returns (model, vocab)."""
@@ -52,7 +52,7 @@ def hf_clip_dir(path, words, layers: int = 2, max_positions: int = 16):
     tok.save(str(path / 'tokenizer.json'))
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
                 vocab_size=100, max_position_embeddings=max_positions, eos_token_id=99)
-    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+    vision = dict(image_size=image_size, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                   num_attention_heads=4)
     torch.manual_seed(0)
     model = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision,

@@ -1,5 +1,5 @@
-"""`cm3jax eval` end to end on a tiny trained workdir (a random image tokenizer, Shapes data
-prepared with it, two LM steps, a tiny random HF CLIP): the Shapes suite writes both reports,
+"""`cm3jax eval` end to end on a tiny trained workdir (a random image tokenizer, 16-pixel Shapes
+data prepared with it, two LM steps, a tiny random HF CLIP): the Shapes suite writes both reports,
 every figure carries its protocol; a missing Inception file is refused naming the file and
 where to get it."""
 
@@ -11,18 +11,42 @@ import sys
 import numpy as np
 import pytest
 
+import jax
+import jax.numpy as jnp
+
 from cm3jax import trainers
 from cm3jax.data import prepare
+from cm3jax.train import checkpoint
+from cm3jax.vq import model as vq
 from configs import data as data_configs
 from tests.helpers import hf_clip_dir, tiny_config
-from tests.test_data_end_to_end import random_tokenizer_workdir
+
+# A 16-pixel world of up to two objects (small radii make room), and a tokenizer of 4x4 codes for it.
+WORLD = {'canvas': 16, 'max_objects': 2, 'sizes': [['small', 2], ['large', 3]]}
+VQ = {'resolution': 16, 'ch': 32, 'ch_mult': [1, 2, 2], 'num_res_blocks': 1, 'attn_resolutions': [],
+      'z_channels': 8, 'embed_dim': 4, 'num_codes': 32}
+ONE_DEVICE = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # the command compiles for one device
+
+
+def _tokenizer_workdir(path):
+    """What `cm3jax train-tokenizer` leaves behind, with random weights drawn from the shapes
+    (compiling VQGAN.init takes half a minute on this CPU)."""
+    path.mkdir()
+    (path / 'config.json').write_text(json.dumps({'model': VQ}))
+    cfg = vq.VQConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in VQ.items()})
+    rng = np.random.default_rng(0)
+    shapes_of = jax.eval_shape(vq.VQGAN(cfg).init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))['params']
+    params = jax.tree.map(lambda x: jnp.asarray(0.1 * rng.normal(size=x.shape), x.dtype), shapes_of)
+    ckpt = checkpoint.Checkpointer(path / 'checkpoints', use_async=False)
+    ckpt.save(1, {'step': jnp.int32(1), 'params': {'vq': params}}, data_state={'index': 0})
+    ckpt.close()
 
 
 def _clip_dir(path):
     """A tiny random HF CLIP whose word-level tokenizer knows the Shapes captions' words."""
     hf_clip_dir(path, ['[UNK]', 'a', 'an', 'and', 'red', 'blue', 'green', 'yellow', 'purple', 'cyan', 'circle',
                        'square', 'triangle', 'left', 'right', 'of', 'above', 'below', 'small', 'large', 'two',
-                       'three', 'shapes'], layers=1, max_positions=32)
+                       'three', 'shapes'], layers=1, max_positions=32, image_size=16)
 
 
 def _run(*args, cwd, env):
@@ -31,30 +55,31 @@ def _run(*args, cwd, env):
 
 
 def test_eval_runs_on_a_tiny_trained_workdir_and_refuses_a_missing_inception(tmp_path, repo):
-    env = {**os.environ, 'CM3JAX_CACHE': str(tmp_path / 'cache')}
+    env = {**ONE_DEVICE, 'CM3JAX_CACHE': str(tmp_path / 'cache')}
     missing = tmp_path / 'weights' / 'pt_inception-2015-12-05-6726825d.pth'
     refused = _run('--suite=shapes', f'--workdir={tmp_path}', f'--inception={missing}', cwd=repo, env=env)
     assert refused.returncode == 1, refused.stderr[-2000:]
     assert 'Traceback' not in refused.stderr
     assert f'{missing} are missing' in refused.stderr and 'pytorch-fid/releases/download' in refused.stderr
 
-    random_tokenizer_workdir(tmp_path / 'vq')
+    _tokenizer_workdir(tmp_path / 'vq')
     data = data_configs.get_config('shapes')
-    data.source.count = 48
+    data.source.update(count=48, cfg=WORLD)
     data.out, data.vq_workdir = str(tmp_path / 'data'), str(tmp_path / 'vq')
     data.text_tokenizer.update(vocab_size=280, train_documents=48)
     data.prepare.update(shard_size=48, progress=False)
     manifest = prepare.run(data)
     lm = tiny_config()
     lm.mesh.ici = (1, -1, 1)
-    lm.model.update(vocab_size=manifest['vocab']['size'], max_len=256)  # three-object captions + 64 codes
+    lm.model.vocab_size = manifest['vocab']['size']
     lm.data.update(dir=str(tmp_path / 'data'))
     lm.train.update(steps=2, eval_every=1000, log_every=1, seq_len=96, batch=8, checkpoint_every=2, progress=False)
     trainers.train(lm, str(tmp_path / 'lm'))
     _clip_dir(tmp_path / 'clip')
 
     done = _run('--suite=shapes', f'--workdir={tmp_path / "lm"}', '--num=2', '--extractor=clip',
-                f'--retriever={tmp_path / "clip"}', '--cfg=1', '--mode=sample', '--seed=3', cwd=repo, env=env)
+                f'--retriever={tmp_path / "clip"}', '--cfg=1', '--mode=sample', '--seed=3',
+                f'--world={json.dumps(WORLD)}', cwd=repo, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / 'lm' / 'eval'
     report = json.loads((out / 'report.json').read_text())

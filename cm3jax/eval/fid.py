@@ -118,11 +118,13 @@ def callable_extractor(fn: Callable[[np.ndarray], np.ndarray], name: str, batch:
     return FeatureExtractor(name, fn, {'extractor': name, **protocol}, batch)
 
 
-def clip_extractor(path: str | pathlib.Path, batch: int = 64) -> FeatureExtractor:
-    """The image tower of a `cm3jax train-retriever` workdir or of HF CLIP weights: unit-norm
-    projected embeddings. Images are resized to the tower's side (bicubic, antialiased)."""
-    from cm3jax.retrieval import load
-    retriever = load.load_retriever(path, batch_size=batch)
+def clip_extractor(path: str | pathlib.Path, batch: int = 64, retriever=None) -> FeatureExtractor:
+    """The image tower of a `cm3jax train-retriever` workdir or of HF CLIP weights (``path``;
+    or the already loaded ``retriever`` from there): unit-norm projected embeddings. Images are
+    resized to the tower's side (bicubic, antialiased)."""
+    if retriever is None:
+        from cm3jax.retrieval import load
+        retriever = load.load_retriever(path, batch_size=batch)
     return FeatureExtractor(f'clip:{pathlib.Path(path).name}', retriever.embed_images,
                             {'extractor': f'CLIP image tower ({pathlib.Path(path).absolute()})',
                              'resize': f'bicubic, antialiased, to {retriever.cfg.image_size}',

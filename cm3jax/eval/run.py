@@ -18,6 +18,7 @@ Every figure carries its protocol: extractor, resize, number of samples, seed, s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -97,7 +98,7 @@ def extractor_of(opts: EvalOptions) -> fid.FeatureExtractor | None:
     if opts.extractor == 'none':
         return None
     if opts.extractor == 'clip':
-        return fid.clip_extractor(opts.retriever)
+        return fid.clip_extractor(opts.retriever, retriever=_retriever(opts.retriever))
     from cm3jax.eval import inception
     return inception.load_inception(inception_path(opts), opts.resize)
 
@@ -189,10 +190,16 @@ def shapes_suite(opts: EvalOptions, extractor) -> dict:
     return metrics
 
 
+@functools.lru_cache(maxsize=2)
+def _retriever(path: str):
+    """One loaded CLIP per path: the FID extractor and the CLIP score share it (and its programs)."""
+    from cm3jax.retrieval import load
+    return load.load_retriever(path)
+
+
 def _clip_score(opts: EvalOptions, images, captions, protocol: dict) -> dict:
     from cm3jax.eval.clip_score import clip_score
-    from cm3jax.retrieval import load
-    result = clip_score(load.load_retriever(opts.retriever), images, captions)
+    result = clip_score(_retriever(opts.retriever), images, captions)
     result.pop('per_item')
     return {**result, 'protocol': {**protocol, 'clip': str(pathlib.Path(opts.retriever).absolute())}}
 

@@ -135,15 +135,13 @@ def tokenizer_metrics(vq_params, vq_cfg, images: np.ndarray, captions: Sequence[
     perplexity of the codes' frequencies), the judge's exact match of the reconstructions with
     ``captions`` (Shapes captions of the originals), and rFID (reconstructions against the
     originals) with ``extractor`` (any `fid.FeatureExtractor`)."""
-    import jax
     from cm3jax.eval import fid
     from cm3jax.vq import model as vq
-    encode, decode = jax.jit(vq.encode, static_argnums=2), jax.jit(vq.decode, static_argnums=2)  # eager Flax is slow
     codes, rebuilt = [], []
     for i in range(0, len(images), batch):
-        c = np.asarray(encode(vq_params, images[i:i + batch], vq_cfg))
+        c = np.asarray(vq.encode(vq_params, images[i:i + batch], vq_cfg))
         codes.append(c)
-        rebuilt.append(np.asarray(decode(vq_params, c, vq_cfg)))
+        rebuilt.append(np.asarray(vq.decode(vq_params, c, vq_cfg)))
     codes, rebuilt = np.concatenate(codes), np.concatenate(rebuilt)
     usage = vq.code_usage(codes, vq_cfg.num_codes)
     db = np.minimum(psnr(images, rebuilt), 100.0)
