@@ -137,3 +137,31 @@ def test_the_folder_suite_reads_generated_images_and_their_prompts(tmp_path, mon
     assert len(calls) == 3  # the reference's statistics came from the cache
     with pytest.raises(ValueError, match='needs --images'):
         run.run(run.EvalOptions(suite='coco', workdir=str(tmp_path)))
+
+
+def test_the_coco_suite_draws_its_captions_and_finds_the_karpathy_test_split(tmp_path):
+    """FID-30K's selection (``--num`` images by ``--seed``, one caption each, the real images
+    centre-cropped and resized) and the Karpathy test split, on a folder of six images."""
+    from PIL import Image
+    from cm3jax.eval import run
+    (tmp_path / 'val2014').mkdir()
+    lines = []
+    for i in range(6):
+        Image.fromarray(np.full((20, 30, 3), 40 * i, np.uint8)).save(tmp_path / 'val2014' / f'{i}.jpg')
+        lines += [json.dumps({'image': f'val2014/{i}.jpg', 'caption': f'picture {i} caption {j}'}) for j in range(2)]
+    (tmp_path / 'captions.jsonl').write_text('\n'.join(lines))
+    opts = run.EvalOptions(suite='coco', workdir=str(tmp_path), images=str(tmp_path), num=4, seed=1)
+    captions, real, key = run._coco_pairs(opts, 16)
+    assert len(captions) == 4 and len(set(c.split()[1] for c in captions)) == 4  # four distinct images
+    assert run._coco_pairs(opts, 16)[0] == captions  # the same draw for the same seed
+    images = np.concatenate(list(real()))
+    assert images.shape == (4, 16, 16, 3) and images.dtype == np.uint8
+    for caption, image in zip(captions, images):  # each real image is the one its caption belongs to
+        assert image.mean() == pytest.approx(40 * int(caption.split()[1]), abs=1)
+    assert '4 seed 1 at 16' in key
+    karpathy = {'images': [{'filepath': 'val2014', 'filename': f'{i}.jpg', 'split': 'test' if i < 2 else 'train',
+                            'sentences': [{'raw': f'Picture {i}.'}]} for i in range(6)]}
+    (tmp_path / 'dataset_coco.json').write_text(json.dumps(karpathy))
+    names, refs = run._karpathy(run.EvalOptions(suite='coco', images=str(tmp_path / 'val2014'),
+                                                karpathy=str(tmp_path / 'dataset_coco.json')))
+    assert [n.rsplit('/', 1)[1] for n in names] == ['0.jpg', '1.jpg'] and refs == [['Picture 0.'], ['Picture 1.']]
