@@ -14,8 +14,10 @@ def _fmt(x) -> str:
 
 
 def _protocol(p: dict) -> str:
-    short = {k: v for k, v in p.items() if not isinstance(v, dict)}
-    return '; '.join(f'{k}: {_fmt(v)}' for k, v in short.items()).replace('|', '/')
+    """One line; nested settings (sampling) inline, the world's full description left to report.json."""
+    def show(v):
+        return ', '.join(f'{k} {_fmt(x)}' for k, x in v.items()) if isinstance(v, dict) else _fmt(v)
+    return '; '.join(f'{k}: {show(v)}' for k, v in p.items() if k != 'world').replace('|', '/')
 
 
 def rows(metrics: dict, protocol: dict | None = None, prefix: str = '') -> list[tuple[str, str, str]]:
