@@ -1,8 +1,8 @@
 # `make demo` and `make test` each create .venv on first use and install cm3jax into it
 # (again whenever setup.py changes). `make test` adds the [test], [parity] and [tf] extras:
 # pytest and hypothesis, the CPU torch 2.13.0 + transformers reference models, TFDS (without
-# TensorFlow), plus taming-transformers (installed without its dependencies) for the VQ-GAN
-# parity tests.
+# TensorFlow), torchmetrics and pycocoevalcap (FID and CIDEr references), plus taming-transformers
+# and torch-fidelity (installed without their dependencies) for the VQ-GAN and Inception parity tests.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -22,6 +22,9 @@ $(TEST): $(BASE)
 	$(BIN)/python -m pip install -q -e '.[test,parity,tf]'
 	# taming-transformers' own requirements (lightning, ...) are not needed for its model modules
 	$(BIN)/python -m pip install -q --no-deps taming-transformers==0.0.1
+	# torch-fidelity's Inception extractor needs only torch; the torchvision it asks for does not
+	# import beside CPU torch 2.13.0 (and would break transformers' imports)
+	$(BIN)/python -m pip install -q --no-deps torch-fidelity==0.4.0
 	touch $@
 
 # The main job: tokenizers, data, retriever and LM trained from nothing on the Shapes world, then

@@ -32,7 +32,8 @@ setup(
     extras_require={
         'test': ['pytest>=8', 'pytest-xdist>=3.5', 'hypothesis>=6.100'],
         # reference implementations for numerical parity tests (CPU torch from the local wheel)
-        'parity': ['torch==2.13.0', 'transformers>=5.24,<6'],
+        # (torch-fidelity, the FID Inception reference, is installed by the Makefile without its torchvision)
+        'parity': ['torch==2.13.0', 'transformers>=5.24,<6', 'torchmetrics>=1.4', 'pycocoevalcap>=1.2'],
         # TFDS builders and readers, without TensorFlow (tfds 4.9.10 needs importlib_resources to build)
         'tf': ['tensorflow-datasets>=4.9.9', 'importlib_resources'],
     },

@@ -17,6 +17,9 @@ Commands:
                both with the Shapes judge
   quickstart   the main job on the Shapes world: tokenizers, data, retriever, LM, pictures from captions and
                captions for pictures, judged (--config=configs/quickstart.py, the default; out/quickstart)
+  eval         --workdir=RUN --suite=shapes|coco|folder: generate what the suite needs (or read --images), score
+               it (FID with --extractor=inception|clip|none and --inception=PTH, CLIP score with --retriever,
+               CIDEr-D, the Shapes judge) and write RUN/eval/report.json and report.md (docs/eval.md)
   config       print the resolved, validated config
 """
 
@@ -63,6 +66,19 @@ _DATA = flags.DEFINE_string('data', None, 'build-index: the prepared data to ind
 _QUERIES = flags.DEFINE_multi_string('queries', [], 'build-index: held-out prepared data that gets neighbour '
                                      'lists against the same bank.')
 _TOP_M = flags.DEFINE_integer('top_m', 8, 'build-index: neighbours kept per document.')
+_SUITE = flags.DEFINE_enum('suite', None, ['shapes', 'coco', 'folder'], 'eval: what to measure (docs/eval.md).')
+_IMAGES = flags.DEFINE_string('images', None, 'eval: a folder of images with captions.jsonl (coco: the real '
+                              'images; folder: generated ones), or tfds:NAME:SPLIT.')
+_CAPTIONS = flags.DEFINE_string('captions', None, 'eval: the captions.jsonl (default IMAGES/captions.jsonl).')
+_EXTRACTOR = flags.DEFINE_enum('extractor', 'inception', ['inception', 'clip', 'none'], 'eval: FID\'s features.')
+_INCEPTION = flags.DEFINE_string('inception', None, 'eval: pt_inception-2015-12-05-6726825d.pth (default '
+                                 '$CM3JAX_INCEPTION, else ~/.cache/cm3jax/).')
+_RESIZE = flags.DEFINE_enum('resize', 'clean', ['clean', 'tf1'], 'eval: how images reach Inception\'s 299 px.')
+_REFERENCE = flags.DEFINE_string('reference', None, 'eval --suite=folder: FID reference images (a folder) or '
+                                 'statistics (.npz).')
+_KARPATHY = flags.DEFINE_string('karpathy', None, 'eval --suite=coco: Karpathy\'s dataset_coco.json (CIDEr-D on '
+                                'its test split).')
+_WORLD = flags.DEFINE_string('world', '{}', 'eval: Shapes world fields as JSON, e.g. \'{"max_objects": 2}\'.')
 
 
 # A command that trains one kind of model refuses a config of another, saying which config it wants.
@@ -177,6 +193,25 @@ def _quickstart(config) -> None:
     quickstart.run(config)
 
 
+def _eval(config) -> None:
+    del config  # flags only; the run's own config.json is read from --workdir
+    if not _SUITE.value:
+        raise app.UsageError('cm3jax eval needs --suite=shapes|coco|folder (and --workdir=RUN or --images=DIR)')
+    from cm3jax.eval import run
+    from cm3jax.sample import decode
+    try:
+        world = json.loads(_WORLD.value)
+    except ValueError:
+        raise ValueError(f'--world={_WORLD.value!r} is not JSON; e.g. --world=\'{{"max_objects": 2}}\'') from None
+    sample = decode.SampleConfig(cfg_scale=_CFG.value, mode=_MODE.value, temperature=_TEMPERATURE.value,
+                                 top_p=_TOP_P.value, top_k=_TOP_K.value, cdk_k=_CDK_K.value, cdk_alpha=_CDK_ALPHA.value)
+    run.run(run.EvalOptions(
+        suite=_SUITE.value, workdir=_WORKDIR.value, out=_OUT.value, num=_NUM.value if flags.FLAGS['num'].present
+        else None, seed=_SEED.value, extractor=_EXTRACTOR.value, inception=_INCEPTION.value, resize=_RESIZE.value,
+        retriever=_RETRIEVER.value, images=_IMAGES.value, captions=_CAPTIONS.value, reference=_REFERENCE.value,
+        karpathy=_KARPATHY.value, world=world, sample=sample))
+
+
 def _show_config(config) -> None:
     """Validate what can be checked without building anything, then print."""
     task = config.get('task')
@@ -198,7 +233,7 @@ def _show_config(config) -> None:
 
 COMMANDS = {'train': _trainer('train'), 'train-tokenizer': _trainer('train-tokenizer'),
             'train-retriever': _trainer('train-retriever'), 'prepare': _prepare, 'build-index': _build_index,
-            'sample': _sample, 'quickstart': _quickstart, 'config': _show_config}
+            'sample': _sample, 'quickstart': _quickstart, 'eval': _eval, 'config': _show_config}
 
 
 def main(argv: list[str]) -> None:

@@ -34,3 +34,52 @@ def random_tokens(key, shape, vocab_size):
 def forward(model):
     """Jitted ``(params, tokens, segment_ids=None) -> logits``; eager Flax is slow on CPU."""
     return jax.jit(lambda params, tokens, segment_ids=None: model.apply({'params': params}, tokens, segment_ids))
+
+
+def hf_clip_dir(path, words, layers: int = 2, max_positions: int = 16, image_size: int = 32):
+    """A tiny random HF CLIP saved with ``save_pretrained`` in ``path``, beside a word-level
+    tokenizer.json over ``words`` with OpenAI's end tokens (ids 98 and 99): what
+    `cm3jax.retrieval.load.load_retriever` reads as HF CLIP weights. Returns (model, vocab)."""
+    import pytest
+    torch = pytest.importorskip('torch')
+    transformers = pytest.importorskip('transformers')
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from cm3jax.retrieval import load
+    vocab = {w: i for i, w in enumerate(words)} | {load.CLIP_BOS: 98, load.CLIP_EOS: 99}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token='[UNK]'))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / 'tokenizer.json'))
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                vocab_size=100, max_position_embeddings=max_positions, eos_token_id=99)
+    vision = dict(image_size=image_size, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                  num_attention_heads=4)
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision,
+                                                           projection_dim=16)).eval()
+    model.save_pretrained(path)
+    return model, vocab
+
+
+def torch_fidelity_inception():
+    """torch-fidelity's ``feature_extractor_inceptionv3`` module (the FID Inception reference). It
+    needs only torch, but the package's __init__ imports torchvision, which does not import
+    beside CPU torch 2.13; then the package is registered without running its __init__ (which
+    also lets torchmetrics' FID module import, since it imports torch-fidelity when installed)."""
+    import importlib
+    import importlib.util
+    import sys
+    import types
+    import pytest
+    try:
+        return importlib.import_module('torch_fidelity.feature_extractor_inceptionv3')
+    except Exception:  # ImportError, or the RuntimeError of a torchvision built for another torch
+        spec = importlib.util.find_spec('torch_fidelity')
+        if spec is None:
+            pytest.skip('torch-fidelity is not installed (the Makefile installs it with --no-deps)')
+        for name in [k for k in sys.modules if k.startswith('torch_fidelity')]:
+            del sys.modules[name]
+        package = types.ModuleType('torch_fidelity')
+        package.__path__ = list(spec.submodule_search_locations)
+        sys.modules['torch_fidelity'] = package
+        return importlib.import_module('torch_fidelity.feature_extractor_inceptionv3')

@@ -15,6 +15,7 @@ from cm3jax.data.documents import Document
 from cm3jax.data.worlds import shapes
 from cm3jax.retrieval import clip, load, train
 from configs import clip as clip_configs
+from tests.helpers import hf_clip_dir
 
 
 def _rows(workdir):
@@ -104,21 +105,7 @@ def test_hf_clip_directory_loads_with_its_tokenizer(tmp_path):
     """A save_pretrained directory plus a tokenizer.json with OpenAI's end tokens: the
     retriever's embeddings are transformers' normalised features."""
     torch = pytest.importorskip('torch')
-    transformers = pytest.importorskip('transformers')
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    words = ['[UNK]', 'a', 'red', 'blue', 'circle', 'square', 'left', 'of']
-    vocab = {w: i for i, w in enumerate(words)} | {load.CLIP_BOS: 98, load.CLIP_EOS: 99}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token='[UNK]'))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(tmp_path / 'tokenizer.json'))
-    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=100,
-                max_position_embeddings=16, eos_token_id=99)
-    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4)
-    torch.manual_seed(0)
-    model = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision,
-                                                           projection_dim=16)).eval()
-    model.save_pretrained(tmp_path)
+    model, vocab = hf_clip_dir(tmp_path, ['[UNK]', 'a', 'red', 'blue', 'circle', 'square', 'left', 'of'])
 
     r = load.load_retriever(tmp_path, batch_size=8)
     captions = ['a red circle', 'a blue square left of a red circle', 'circle']

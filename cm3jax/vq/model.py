@@ -18,6 +18,7 @@ functions of arrays here; the trainer applies them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -285,8 +286,7 @@ def _check_images(images, cfg: VQConfig) -> None:
 def encode(params, images, cfg: VQConfig) -> jax.Array:
     """uint8 images [B, R, R, C] -> codes Int[B, r, r], r = R / 2**(len(ch_mult) - 1)."""
     _check_images(images, cfg)
-    x = jnp.asarray(images, jnp.float32) / 127.5 - 1.0
-    return VQGAN(cfg).apply({'params': params}, x, method=VQGAN.encode_codes)
+    return _encode(params, jnp.asarray(images), cfg)
 
 
 def decode(params, codes, cfg: VQConfig) -> jax.Array:
@@ -294,8 +294,19 @@ def decode(params, codes, cfg: VQConfig) -> jax.Array:
     r = cfg.latent_resolution
     if codes.ndim != 3 or tuple(codes.shape[1:]) != (r, r):
         raise ValueError(f'decode takes codes of shape [B, {r}, {r}] for this tokenizer; got {tuple(codes.shape)}')
-    images = VQGAN(cfg).apply({'params': params}, jnp.asarray(codes, jnp.int32), method=VQGAN.decode_codes)
-    return to_uint8(images)
+    return _decode(params, jnp.asarray(codes, jnp.int32), cfg)
+
+
+# Jitted as a whole: called eagerly, Flax compiles every op on its own (seconds per call on a CPU).
+@functools.partial(jax.jit, static_argnames='cfg')
+def _encode(params, images, cfg: VQConfig) -> jax.Array:
+    x = images.astype(jnp.float32) / 127.5 - 1.0
+    return VQGAN(cfg).apply({'params': params}, x, method=VQGAN.encode_codes)
+
+
+@functools.partial(jax.jit, static_argnames='cfg')
+def _decode(params, codes, cfg: VQConfig) -> jax.Array:
+    return to_uint8(VQGAN(cfg).apply({'params': params}, codes, method=VQGAN.decode_codes))
 
 
 def to_uint8(images: jax.Array) -> jax.Array:
