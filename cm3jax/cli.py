@@ -21,10 +21,15 @@ Commands:
                it (FID with --extractor=inception|clip|none and --inception=PTH, CLIP score with --retriever,
                CIDEr-D, the Shapes judge) and write RUN/eval/report.json and report.md (docs/eval.md)
   config       print the resolved, validated config
+
+Errors of cm3jax's own (a config that cannot work, damaged or foreign data and checkpoints, a
+NaN loss, an unknown --config.FIELD) print as one line saying what to change and exit 1;
+--verbose (or CM3JAX_TRACEBACK=1) shows the traceback instead.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -34,6 +39,8 @@ import sys
 import configs
 from absl import app, flags
 from ml_collections import config_flags
+
+from cm3jax.errors import Cm3jaxError
 
 PRESETS = pathlib.Path(configs.__file__).resolve().parent  # the configs/ installed with cm3jax
 _CONFIG = config_flags.DEFINE_config_file(
@@ -79,6 +86,10 @@ _REFERENCE = flags.DEFINE_string('reference', None, 'eval --suite=folder: FID re
 _KARPATHY = flags.DEFINE_string('karpathy', None, 'eval --suite=coco: Karpathy\'s dataset_coco.json (CIDEr-D on '
                                 'its test split).')
 _WORLD = flags.DEFINE_string('world', '{}', 'eval: Shapes world fields as JSON, e.g. \'{"max_objects": 2}\'.')
+_STEP = flags.DEFINE_integer('step', None, 'sample, and train with --init_from: the checkpoint step to read '
+                             '(default: the latest).')
+_VERBOSE = flags.DEFINE_bool('verbose', False, 'on an error, print its traceback, not just the line saying what '
+                             'to change (CM3JAX_TRACEBACK=1 does the same).')
 
 
 # A command that trains one kind of model refuses a config of another, saying which config it wants.
@@ -95,7 +106,7 @@ def _trainer(command: str):
             raise app.UsageError(f'cm3jax {command} needs {wanted[1]}; this config\'s task is '
                                  f'{config.get("task")!r} (cm3jax train trains any task)')
         from cm3jax import trainers
-        trainers.train(config, _WORKDIR.value, _INIT_FROM.value)
+        trainers.train(config, _WORKDIR.value, _INIT_FROM.value, _STEP.value)
     return train
 
 
@@ -117,7 +128,7 @@ def _sample(config) -> None:
     import flax.linen as nn
     import jax
     from cm3jax.sample import decode, generate, load
-    gen, mesh, rules = load.load_generator(_WORKDIR.value)
+    gen, mesh, rules = load.load_generator(_WORKDIR.value, step=_STEP.value)
     images = [generate.read_image(path, gen.vq_cfg.resolution) for path in _IMAGE.value or []]  # before any work
     where = pathlib.Path(_OUT.value or pathlib.Path(_WORKDIR.value) / 'samples')
     sample = decode.SampleConfig(cfg_scale=_CFG.value, mode=_MODE.value, temperature=_TEMPERATURE.value,
@@ -245,11 +256,63 @@ def main(argv: list[str]) -> None:
     logging.getLogger('absl').setLevel(logging.WARNING)  # orbax logs every save step by step at INFO
     try:
         COMMANDS[argv[1]](_CONFIG.value)
-    except (ValueError, FileNotFoundError) as e:  # bad input: one line saying what to change
-        if os.environ.get('CM3JAX_TRACEBACK'):
+    except (Cm3jaxError, ValueError, FileNotFoundError) as e:  # bad input: one line saying what to change
+        if _VERBOSE.value or os.environ.get('CM3JAX_TRACEBACK'):
             raise
-        print(f'cm3jax {argv[1]}: error: {e}\n(set CM3JAX_TRACEBACK=1 to see where it was raised)', file=sys.stderr)
-        sys.exit(1)
+        _fail(argv[1], str(e))
+
+
+def _fail(command: str, message: str) -> None:
+    print(f'cm3jax {command}: error: {message}\n(run with --verbose to see where it was raised)', file=sys.stderr)
+    sys.exit(1)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, plus one line for an unknown ``--config.FIELD`` (ml_collections raises a
+    bare KeyError, which absl would show as a chained traceback)."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (KeyError, AttributeError) as e:
+        if '--verbose' in argv or os.environ.get('CM3JAX_TRACEBACK'):
+            raise
+        fields = [a[len('--config.'):].partition('=')[0] for a in argv if a.startswith('--config.')]
+        _fail(argv[1] if len(argv) > 1 else '', unknown_field(_load_config(argv), fields) or str(e))
+
+
+def _load_config(argv: list[str]):
+    """The config ``--config=FILE[:ARG]`` names (or the default), without its overrides."""
+    from ml_collections.config_flags import config_flags as cf
+    spec = next((a[len('--config='):] for a in argv if a.startswith('--config=')), _CONFIG.default)
+    path, _, arg = spec.partition(':')
+    module = cf._LoadConfigModule('cm3jax_config', path)  # the loader the flag itself uses
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def unknown_field(config, fields: list[str]) -> str | None:
+    """What to say about the first of ``fields`` (dotted paths) that ``config`` lacks: the field
+    and the three closest known paths (among its siblings when its parent exists); None when
+    it lacks none."""
+    known = _paths(config)
+    for field in fields:
+        if field in known or any(k.startswith(field + '.') for k in known):
+            continue
+        parent = field.rpartition('.')[0]
+        siblings = [k for k in known if k.rpartition('.')[0] == parent] or known
+        close = difflib.get_close_matches(field, siblings, n=3, cutoff=0.0)  # the best three, however far
+        hint = f'; did you mean {", ".join(close[:3])}?' if close else ''
+        return (f'--config.{field}: the config has no field {field!r}{hint} (`cm3jax config '
+                f'--config=...` prints every field)')
+    return None
+
+
+def _paths(config, prefix: str = '') -> list[str]:
+    out = []
+    for key, value in config.items():
+        path = f'{prefix}{key}'
+        out.append(path)
+        if hasattr(value, 'items'):
+            out += _paths(value, path + '.')
+    return out
 
 
 def resolve_config_flag(argv: list[str], cwd: str | None = None) -> list[str]:
@@ -286,4 +349,4 @@ def default_config(argv: list[str]) -> list[str]:
 
 def run() -> None:
     """Console-script entry point."""
-    app.run(main, argv=default_config(resolve_config_flag(sys.argv)))
+    app.run(main, argv=default_config(resolve_config_flag(sys.argv)), flags_parser=_parse_flags)

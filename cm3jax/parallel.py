@@ -18,6 +18,8 @@ import flax.linen as nn
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 
+from cm3jax.errors import Cm3jaxError
+
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
 Rules = Sequence[tuple[str, Any]]
@@ -46,7 +48,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 log = logging.getLogger(__name__)
 
 
-class MeshError(ValueError):
+class MeshError(Cm3jaxError, ValueError):
     """A mesh shape that does not fit the devices."""
 
 

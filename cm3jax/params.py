@@ -12,6 +12,7 @@ parameters without importing the trainer. Foreign weight files (safetensors, tor
 
 from __future__ import annotations
 
+import json
 import pathlib
 from typing import Any, Callable
 
@@ -21,14 +22,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
+from cm3jax.errors import Cm3jaxError, DamagedCheckpoint
+
 Rules = Any  # a sequence of (logical name, mesh axes) pairs; see cm3jax.parallel
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(Cm3jaxError, ValueError):
     """A checkpoint's tensors do not fit the model it is loaded into."""
 
 
-class WeightMismatch(ValueError):
+class WeightMismatch(Cm3jaxError, ValueError):
     """A foreign weight file does not fit the model config it is converted for."""
 
 
@@ -136,26 +139,86 @@ def latest_step(directory: str | pathlib.Path) -> int | None:
         reader.close()
 
 
+# What a step directory must hold before orbax is asked to read it: without ``_METADATA`` orbax
+# reads an empty tree (and the tensors look like another model's), without the OCDBT manifest it
+# finds no arrays, and an empty directory (a save cut off before it wrote anything) has no items.
+_ITEM_FILES = {'state': ('_METADATA', 'manifest.ocdbt'), 'data': ('metadata',)}
+
+
+def check_complete(directory: str | pathlib.Path, step: int, items: tuple[str, ...] = ('state',)) -> None:
+    """Raise `DamagedCheckpoint` naming the first missing or unreadable file of step ``step`` in
+    ``directory`` (the step directories' parent). Array files cut short are only found when read
+    (`read_damage`)."""
+    step_dir = pathlib.Path(directory) / str(step)
+    if not step_dir.is_dir() or not any(step_dir.iterdir()):
+        raise DamagedCheckpoint(f'checkpoint step {step} is damaged: {step_dir} is empty')
+    for item in items:
+        for name in _ITEM_FILES[item]:
+            path = step_dir / item / name
+            if not path.is_file():
+                raise DamagedCheckpoint(f'checkpoint step {step} is damaged: {path} is missing')
+    if 'state' in items:
+        path = step_dir / 'state' / '_METADATA'
+        try:
+            tree = json.loads(path.read_text()).get('tree_metadata')
+        except (ValueError, UnicodeDecodeError, AttributeError) as e:
+            raise DamagedCheckpoint(f'checkpoint step {step} is damaged: {path} is not readable JSON ({e})') from None
+        if not tree:
+            raise DamagedCheckpoint(f'checkpoint step {step} is damaged: {path} lists no tensors')
+
+
+# What tensorstore and orbax raise for array files that are missing, cut short or overwritten
+# (NOT_FOUND, OUT_OF_RANGE, DATA_LOSS come as ValueError; a missing item as KeyError).
+_READ_ERRORS = (ValueError, KeyError, OSError)
+
+
+def read_damage(step: int, error: Exception) -> DamagedCheckpoint:
+    """The `DamagedCheckpoint` for a read of step ``step`` that failed with ``error``: its first
+    line, which names the file tensorstore could not read."""
+    first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    return DamagedCheckpoint(f'checkpoint step {step} is damaged: reading it failed with {type(error).__name__}: '
+                             f'{first[:400]}')
+
+
+def _other_steps(directory: pathlib.Path, step: int) -> str:
+    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and int(p.name) != step)
+    return f'pass --step=N for another one ({", ".join(map(str, steps))})' if steps else 'no other step is saved'
+
+
 def restore(directory: str | pathlib.Path, target_params, step: int | None = None):
     """Only the parameters of the checkpoint in ``directory`` (a run's workdir or its
-    ``checkpoints/``), laid out like ``target_params`` (`abstract` structs). The optimizer
-    state is not read: this is how sampling, evaluation and fine-tuning load a model."""
+    ``checkpoints/``), laid out like ``target_params`` (`abstract` structs); ``step``: the
+    latest by default. The optimizer state is not read: this is how sampling, evaluation and
+    fine-tuning load a model. A damaged step raises `DamagedCheckpoint`, naming the file and the
+    other steps saved."""
     directory = checkpoint_dir(directory)
     reader = manager(directory, read_only=True)
     try:
+        steps = list(reader.all_steps())
         step = reader.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f'no finished checkpoint in {directory}')
+        if step not in steps:
+            raise FileNotFoundError(f'no checkpoint step {step} in {directory}; it holds steps '
+                                    f'{sorted(steps) or "none"}')
         where = f'checkpoint {directory}/{step}'
-        check_fits(reader.item_metadata(step)['state'], {'params': target_params}, where)
+        try:
+            check_complete(directory, step)
+            saved = reader.item_metadata(step)['state']
+        except DamagedCheckpoint as e:
+            raise DamagedCheckpoint(f'{e}; {_other_steps(directory, step)}') from None
+        check_fits(saved, {'params': target_params}, where)
     finally:
         reader.close()
     restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape,
                                                                  dtype=x.dtype), target_params)
-    restored = ocp.PyTreeCheckpointer().restore(
-        directory / str(step) / 'state',
-        args=ocp.args.PyTreeRestore(item={'params': target_params}, restore_args={'params': restore_args},
-                                    partial_restore=True))
+    try:
+        restored = ocp.PyTreeCheckpointer().restore(
+            directory / str(step) / 'state',
+            args=ocp.args.PyTreeRestore(item={'params': target_params}, restore_args={'params': restore_args},
+                                        partial_restore=True))
+    except _READ_ERRORS as e:
+        raise DamagedCheckpoint(f'{read_damage(step, e)}; {_other_steps(directory, step)}') from None
     return restored['params']
 
 

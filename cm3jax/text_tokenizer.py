@@ -23,10 +23,12 @@ from typing import Iterable, Sequence
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from cm3jax.errors import Cm3jaxError
+
 BYTE_ALPHABET = 256  # a byte-level BPE's smallest vocabulary: one token per byte
 
 
-class TokenizerTooLargeError(ValueError):
+class TokenizerTooLargeError(Cm3jaxError, ValueError):
     """The BPE has more ids than the joint vocab's text range holds."""
 
 
@@ -77,10 +79,12 @@ class TextTokenizer:
     # ---- Files ----
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the tokenizer as one JSON file (creating its directory)."""
+        """Write the tokenizer as one JSON file (creating its directory). Written under a temporary
+        name and renamed: a run killed while saving leaves no half-written tokenizer to resume with."""
         path = os.fspath(path)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.tokenizer.save(path)
+        self.tokenizer.save(path + '.tmp')
+        os.replace(path + '.tmp', path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> 'TextTokenizer':

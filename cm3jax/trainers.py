@@ -45,8 +45,12 @@ def task_of(config) -> Task:
     return TASKS[name](config)
 
 
-def train(config, workdir: str, init_from: str | None = None) -> dict[str, float]:
+def train(config, workdir: str, init_from: str | None = None, init_step: int | None = None) -> dict[str, float]:
     """Train (or resume) ``config.task`` in ``workdir``; returns the run's summary. ``init_from``
     (else the config's own ``init_from`` field, where it has one) starts a fresh run from those
-    parameters."""
-    return run(config, workdir, task_of(config), init_from=init_from or config.get('init_from', None) or None)
+    parameters, of checkpoint ``init_step`` (None: the latest)."""
+    init_from = init_from or config.get('init_from', None) or None
+    if init_step is not None and not init_from:
+        raise ConfigError(f'--step={init_step} picks the checkpoint step of --init_from=DIR; give --init_from too '
+                          f'(a resumed run always continues from its latest good step)')
+    return run(config, workdir, task_of(config), init_from=init_from, init_step=init_step)

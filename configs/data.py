@@ -8,17 +8,21 @@
            --config.out=EVAL_DIR, passing --config.text_tokenizer.path=DATA_DIR/tokenizer.json
   digits   sklearn's handwritten digits, captioned ("a handwritten digit seven"), 32x32
   folder   an image folder + captions.jsonl: --config.source.root=DIR --config.source.resize=256
+           (--config.source.resize=none keeps native sizes: an image not of the tokenizer's size is
+           then skipped and counted; --config.source.background="(0, 0, 0)" for alpha)
 
 Then train on them: cm3jax train --config=configs/lm.py:tiny --config.data.dir=DATA_DIR
 --config.model.vocab_size=<printed by prepare>.
 """
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, FieldReference
 
 SOURCES = {
-    'shapes': {'kind': 'shapes', 'split': 'train', 'seed': 0, 'count': 20_000, 'cfg': {'canvas': 32}},
-    'digits': {'kind': 'digits', 'split': 'train', 'seed': 0, 'size': 32},
-    'folder': {'kind': 'folder', 'root': '', 'resize': 256},
+    'shapes': lambda: {'kind': 'shapes', 'split': 'train', 'seed': 0, 'count': 20_000, 'cfg': {'canvas': 32}},
+    'digits': lambda: {'kind': 'digits', 'split': 'train', 'seed': 0, 'size': 32},
+    # resize takes S, (H, W) or none from the command line: a literal-typed field
+    'folder': lambda: {'kind': 'folder', 'root': '', 'resize': FieldReference(256, field_type=object),
+                       'background': (255, 255, 255)},
 }
 
 
@@ -27,7 +31,7 @@ def get_config(arg: str = 'shapes') -> ConfigDict:
         raise ValueError(f'unknown preset {arg!r} in configs/data.py:{arg}; choose from {sorted(SOURCES)}')
     config = ConfigDict()
     config.task = 'prepare'  # not a trainer: `cm3jax prepare` runs it
-    config.source = ConfigDict(SOURCES[arg])  # cm3jax.data.sources.make_source
+    config.source = ConfigDict(SOURCES[arg]())  # cm3jax.data.sources.make_source
     config.out = ''                           # where shards, manifest.json and tokenizer.json go
     config.vq_workdir = ''                    # a `cm3jax train-tokenizer` workdir
     config.text_tokenizer = ConfigDict({

@@ -21,7 +21,7 @@ import pathlib
 
 import numpy as np
 
-from cm3jax.data import documents, neighbours, prepare
+from cm3jax.data import documents, neighbours, prepare, shards
 from cm3jax.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,6 @@ class RetrievalAugment:
         """bank_dir: the prepared data the retrieved documents come from (the memory bank's
         documents); neighbours_dir: where the queries' neighbour lists are (default bank_dir, i.e.
         training data retrieving from itself; a held-out set keeps its own lists)."""
-        import grain
-
         self.vocab, self.cfg = vocab, cfg
         self.layout = dataclasses.replace(layout, caption_dropout=0.0)  # retrieved documents stay whole
         bank_dir = pathlib.Path(bank_dir)
@@ -58,7 +56,7 @@ class RetrievalAugment:
                              f'documents but {bank_dir} holds {manifest["documents"]}: run `cm3jax build-index` '
                              f'again for this data')
         # every shard, in manifest order: a document's id is its index here (neighbours.global_ids)
-        self.source = grain.sources.ArrayRecordDataSource([str(bank_dir / s['path']) for s in manifest['shards']])
+        self.source = shards.ShardRecords(bank_dir, manifest['shards'])
         self.counts = {'retrieved': 0, 'corrupt_neighbours': 0, 'no_neighbours': 0}
 
     def __call__(self, doc_id: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -74,7 +72,7 @@ class RetrievalAugment:
         docs = []
         for neighbour in candidates[picked]:
             try:
-                segments, is_image, _ = documents.decode_record(self.source[int(neighbour)])
+                segments, is_image, _ = documents.decode_record(self.source[int(neighbour)], self.vocab.size)
                 docs.append(documents.layout(segments, is_image, self.vocab, rng, self.layout))
             except ValueError as e:
                 self.counts['corrupt_neighbours'] += 1

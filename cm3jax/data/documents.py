@@ -119,9 +119,19 @@ def encode_record(segments: list[np.ndarray], is_image: list[bool], doc_id: str 
     return json.dumps(header).encode() + b'\n' + body.astype('<i4').tobytes()
 
 
-def decode_record(record: bytes) -> tuple[list[np.ndarray], list[bool], dict]:
-    """Inverse of `encode_record` -> (segments, is_image, header). Raises ValueError on a
-    corrupt record (the pipeline skips and counts those)."""
+class CorruptRecord(ValueError):
+    """A prepared record that cannot be trained on; skipped and counted by ``reason`` (and
+    ``shard``, when known) by the pipeline, never fatal."""
+
+    def __init__(self, reason: str, detail: str = '', shard: str = ''):
+        super().__init__(f'{reason}: {detail}' if detail else reason)
+        self.reason, self.detail, self.shard = reason, detail, shard
+
+
+def decode_record(record: bytes, vocab_size: int | None = None) -> tuple[list[np.ndarray], list[bool], dict]:
+    """Inverse of `encode_record` -> (segments, is_image, header). Raises `CorruptRecord` on a
+    record that does not parse ('corrupt record') or, given ``vocab_size``, holds an id outside
+    [0, vocab_size) ('id outside the vocab': it would index past the embedding table)."""
     try:
         head, _, body = record.partition(b'\n')
         header = json.loads(head)
@@ -132,5 +142,9 @@ def decode_record(record: bytes) -> tuple[list[np.ndarray], list[bool], dict]:
         if sum(lengths) != ids.size or len(header['image']) != len(lengths):
             raise ValueError(f'{ids.size} ids for segment lengths {lengths}')
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise ValueError(f'corrupt document record: {e}') from e
+        raise CorruptRecord('corrupt record', f'{type(e).__name__}: {e}') from None
+    if vocab_size is not None and ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = ids[(ids < 0) | (ids >= vocab_size)]
+        raise CorruptRecord('id outside the vocab', f'document {header.get("id", "")!r} holds id {int(bad[0])} '
+                            f'({bad.size} such) but the vocab has {vocab_size}')
     return np.split(ids, np.cumsum(lengths)[:-1]), list(header['image']), header

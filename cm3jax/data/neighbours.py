@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from cm3jax.errors import Cm3jaxError
+
 NEIGHBOURS_HEADER, QUERY_IDS, NEIGHBOURS, SCORES = (
     'neighbours.json', 'neighbours.ids.npy', 'neighbours.npy', 'neighbours.scores.npy')
 FORMAT, VERSION = 'cm3jax.neighbours', 1
@@ -47,7 +49,7 @@ def global_ids(manifest: dict, shard_paths: list[str]) -> np.ndarray:
                           or [np.zeros(0, np.int64)])
 
 
-class NeighbourFormatError(ValueError):
+class NeighbourFormatError(Cm3jaxError, ValueError):
     """Neighbour lists that are missing, inconsistent, or built from another bank."""
 
 

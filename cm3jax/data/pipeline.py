@@ -8,6 +8,11 @@
       -> greedy packing into rows of seq_len + 1 tokens (segment ids, positions, weights)
       -> this process's rows of the global batch (numpy); `parallel.global_batch` makes jax.Arrays
 
+Damaged data never crashes a run and is never silently wrong: a shard that cannot be opened, a
+record that cannot be read or parsed, and a record holding an id outside the manifest's vocab
+are skipped and counted by reason and shard (`report`; `cm3jax.data.shards`), and a stream in
+which every record is bad stops with `DataError`.
+
 Every example is a pure function of (seed, process index, example index), and a row takes
 whole examples in order until the next one does not fit, so the iterator's state is just the
 index of the next example: `get_state` / `set_state` restore the exact next batch, which the
@@ -23,7 +28,8 @@ from typing import Callable
 
 import numpy as np
 
-from cm3jax.data import cm3, documents, neighbours, prepare
+from cm3jax.data import cm3, documents, neighbours, prepare, shards as shards_lib
+from cm3jax.errors import DataError
 from cm3jax.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -74,34 +80,34 @@ class Pipeline:
         if len(manifest['shards']) < process_count:
             raise ValueError(f'{data_dir} has {len(manifest["shards"])} shards, fewer than the {process_count} '
                              f'processes: prepare with a smaller prepare.shard_size')
-        mine = [s['path'] for s in manifest['shards'][process_index::process_count]]
+        entries = manifest['shards'][process_index::process_count]
+        mine = [s['path'] for s in entries]
         self.shards = [self.data_dir / p for p in mine]
         self.doc_ids = neighbours.global_ids(manifest, mine)  # record index -> document id
-        source = grain.sources.ArrayRecordDataSource([str(p) for p in self.shards])
-        self.num_documents = len(source)
-        # each record travels with its index in this process's source, so the shuffled stream
-        # still knows which document it holds (for its neighbour list); grain's shuffle hands
-        # later epochs indices past the end, which the source wraps
-        n = self.num_documents
-        ds = grain.MapDataset.source(source).map_with_index(lambda i, record: (i % n, record))
+        self.records = shards_lib.ShardRecords(self.data_dir, entries)
+        self.num_documents = len(self.records)
+        # the stream is of record indices (grain's source wraps the indices of later epochs), so
+        # the shuffled stream knows which document it holds, for its neighbour list and its shard;
+        # records are read in `_example`, where damage is caught and counted
+        ds = grain.MapDataset.source(range(self.num_documents))
         if cfg.shuffle:
             ds = ds.shuffle(seed=cfg.seed)  # a fresh order every epoch after repeat
         self._examples = ds.repeat(None).map_with_index(self._example)
         self.position = 0                   # index of the next example
         self.counts = {'skipped': 0, 'truncated': 0}
+        self.skips: dict[str, int] = {}     # 'reason (shard)' -> examples skipped for it
         self._held = None                   # (position, example) that did not fit the last row
 
     # ---- One example ----
 
-    def _example(self, index: int, item: tuple[int, bytes]):
-        record_index, record = item
+    def _example(self, index: int, record_index: int):
         rng = np.random.default_rng([self.cfg.seed, self.process_index, index])
         try:
-            segments, is_image, _ = documents.decode_record(record)
+            segments, is_image, _ = documents.decode_record(self.records[record_index], self.vocab.size)
             tokens = documents.layout(segments, is_image, self.vocab, rng, self.cfg.layout)
-        except ValueError as e:
-            log.warning('skipping example %d: %s', index, e)
-            return None
+        except ValueError as e:  # CorruptRecord, or a layout that does not fit the record
+            reason, detail = (e.reason, e.detail) if isinstance(e, documents.CorruptRecord) else ('corrupt record', str(e))
+            return f'{reason} ({self.records.shard_of(record_index)})', detail
         tokens, weights = cm3.transform(tokens, self.vocab, rng, self.cfg.cm3)
         weights = weights * np.float32(self.cfg.query_weight)
         if self.augment is not None:
@@ -114,7 +120,8 @@ class Pipeline:
 
     def example(self, index: int):
         """(tokens Int32[T], weights Float32[T]) of example ``index``, or None if its record is corrupt."""
-        return self._examples[index]
+        ex = self._examples[index]
+        return None if isinstance(ex[0], str) else ex
 
     # ---- Packing ----
 
@@ -129,13 +136,13 @@ class Pipeline:
                 ex = self._held[1]
             else:
                 ex = self._examples[self.position]
-            if ex is None:
-                self.counts['skipped'] += 1
+            if isinstance(ex[0], str):  # (why, detail): skipped, counted by reason and shard
+                self._skip(*ex)
                 self.position += 1
                 corrupt_run += 1
                 if corrupt_run > self.num_documents:
-                    raise ValueError(f'every record in {self.data_dir} (this process\'s {len(self.shards)} shards) '
-                                     f'is corrupt: prepare the data again')
+                    raise DataError(f'every record in {self.data_dir} (this process\'s {len(self.shards)} shards) '
+                                    f'is unusable ({self.skip_report()}): prepare the data again')
                 continue
             t, w = ex
             if len(t) > n:
@@ -165,20 +172,36 @@ class Pipeline:
         rows = [self._row() for _ in range(self.rows)]
         return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
+    def _skip(self, why: str, detail: str) -> None:
+        self.counts['skipped'] += 1
+        if why not in self.skips:  # one warning per reason and shard; the rest are counted
+            log.warning('skipping example %d, %s: %s (further ones are counted)', self.position, why, detail)
+        self.skips[why] = self.skips.get(why, 0) + 1
+
+    def skip_report(self) -> str:
+        """'3 unreadable record (shard-00001.array_record), ...' by count, largest first."""
+        return ', '.join(f'{n} {why}' for why, n in sorted(self.skips.items(), key=lambda kv: -kv[1])) or 'none'
+
     # ---- Checkpointed state ----
 
     def get_state(self) -> dict:
-        return {'position': self.position, **self.counts}
+        return {'position': self.position, **self.counts, 'skips': dict(self.skips)}
 
     def set_state(self, state: dict) -> None:
         self.position = int(state['position'])
         self.counts = {k: int(state.get(k, 0)) for k in self.counts}
+        self.skips = {k: int(v) for k, v in state.get('skips', {}).items()}
         self._held = None
 
     def report(self) -> str:
         text = (f'{self.position} examples read from {len(self.shards)} shards ({self.num_documents} documents); '
                 f'{self.counts["skipped"]} corrupt records skipped, {self.counts["truncated"]} examples truncated '
                 f'to seq_len + 1 = {self.cfg.seq_len + 1}')
+        if self.skips:
+            text += f' (skipped: {self.skip_report()})'
+        if self.records.damaged:
+            text += '; unreadable shards: ' + ', '.join(f'{self.data_dir / name} ({why})'
+                                                        for name, why in self.records.damaged.items())
         counts = getattr(self.augment, 'counts', None)
         if counts:  # counted by this process since it started, not restored on resume
             text += '; retrieval: ' + ', '.join(f'{v} {k.replace("_", " ")}' for k, v in counts.items())

@@ -6,7 +6,8 @@ as ids, not yet laid out, so order and caption dropout are drawn fresh every epo
 pipeline). Shards are written to a temporary name and renamed when complete, and
 ``progress.json`` lists the finished ones, so an interrupted run picks up at the next shard.
 ``manifest.json``, written last, holds the counts, the vocab and the tokenizers' fingerprints;
-the pipeline refuses shards prepared for another vocab.
+the pipeline refuses shards prepared for another vocab. A document whose image is not the
+tokenizer's size (a folder read with ``resize=none``) is skipped and counted with its id.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from cm3jax.data import documents
+from cm3jax.errors import ConfigError
 from cm3jax.vocab import Vocab
 from cm3jax.vq import model as vq
 
@@ -78,16 +80,24 @@ class ImageEncoder:
         return np.concatenate(out) if out else np.zeros((0, self.cfg.latent_resolution,) * 2, np.int32)
 
 
+def _odd_shape(doc: documents.Document, want: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The shape of ``doc``'s first image that the tokenizer does not take, else None."""
+    return next((np.asarray(i).shape for i in doc.images if np.asarray(i).shape != want), None)
+
+
+def _size_advice(doc: documents.Document, shape, want: tuple[int, ...]) -> str:
+    return (f'the source gives images of shape {shape} ({doc.id or "the first document"}) but the VQ tokenizer '
+            f'takes {want}: make the source draw {want[0]} px images (--config.source.cfg.canvas for shapes, '
+            f'--config.source.size for digits, --config.source.resize for folders, tars and TFDS) or use a '
+            f'tokenizer trained at that resolution')
+
+
 def _records(docs: list[documents.Document], encoder: ImageEncoder, vocab: Vocab, text_tokenizer) -> list[bytes]:
     images = [s for d in docs for s in d.segments if not isinstance(s, str)]
-    if images:
-        shapes = {np.asarray(i).shape for i in images}
-        want = (encoder.cfg.resolution, encoder.cfg.resolution, encoder.cfg.in_channels)
-        if shapes != {want}:
-            raise ValueError(f'the source gives images of shapes {sorted(shapes)} but the VQ tokenizer takes '
-                             f'{want}: make the source draw {want[0]} px images (--config.source.cfg.canvas for '
-                             f'shapes, --config.source.size for digits, --config.source.resize for folders, tars '
-                             f'and TFDS) or use a tokenizer trained at that resolution')
+    want = (encoder.cfg.resolution, encoder.cfg.resolution, encoder.cfg.in_channels)
+    odd = next((d for d in docs if _odd_shape(d, want)), None)
+    if odd is not None:
+        raise ConfigError(_size_advice(odd, _odd_shape(odd, want), want))
     codes = iter(encoder(np.stack(images)) if images else [])
     out = []
     for d in docs:
@@ -123,6 +133,8 @@ def prepare(source: Iterable[documents.Document], out_dir: str | pathlib.Path, *
     if done:
         log.info('resuming: %d shards (%d documents) already written in %s', len(done), consumed, out_dir)
     encoder = ImageEncoder(vq_params, vq_cfg, cfg.batch)
+    want = (vq_cfg.resolution, vq_cfg.resolution, vq_cfg.in_channels)
+    right_size_seen = any(s['image_tokens'] for s in done)
     stream = itertools.islice(iter(source), consumed, None)
     try:
         total = len(source)
@@ -134,6 +146,17 @@ def prepare(source: Iterable[documents.Document], out_dir: str | pathlib.Path, *
         if not docs:
             break
         kept = [d for d in docs if d.segments]  # an empty document has nothing to learn from
+        # an image of another size than the tokenizer's (a folder read at native size): that
+        # document is skipped and counted with its id, unless no image has had the right size,
+        # which is a config to change, not an odd file
+        odd = [(d, _odd_shape(d, want)) for d in kept]
+        kept = [d for d, shape in odd if shape is None]
+        odd = [(d, shape) for d, shape in odd if shape is not None]
+        right_size_seen = right_size_seen or any(d.images for d in kept)
+        if odd and not right_size_seen:
+            raise ConfigError(_size_advice(*odd[0], want))
+        for d, shape in odd:
+            log.warning('skipping document %s: its image has shape %s, the tokenizer takes %s', d.id, shape, want)
         records = _records(kept, encoder, vocab, text_tokenizer)
         name = f'shard-{len(done):05d}.array_record'
         tmp = out_dir / (name + '.tmp')
@@ -147,7 +170,8 @@ def prepare(source: Iterable[documents.Document], out_dir: str | pathlib.Path, *
         writer.close()
         os.replace(tmp, out_dir / name)
         done.append({'path': name, 'documents': len(records), 'read': len(docs), 'tokens': tokens,
-                     'image_tokens': image_tokens})
+                     'image_tokens': image_tokens, 'odd_size': len(odd),
+                     'odd_size_examples': [f'{d.id} {list(shape)}' for d, shape in odd[:3]]})
         _write_json(out_dir / PROGRESS, progress)
         bar.update(len(docs))
     bar.close()
@@ -155,10 +179,17 @@ def prepare(source: Iterable[documents.Document], out_dir: str | pathlib.Path, *
     manifest = {**identity, 'shards': done, 'documents': sum(s['documents'] for s in done),
                 'tokens': sum(s['tokens'] for s in done), 'image_tokens': sum(s['image_tokens'] for s in done),
                 'skipped': dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else None,
-                'empty_documents_dropped': sum(s.get('read', s['documents']) - s['documents'] for s in done),
+                'empty_documents_dropped': sum(s.get('read', s['documents']) - s['documents'] - s.get('odd_size', 0)
+                                               for s in done),
+                'odd_size_skipped': sum(s.get('odd_size', 0) for s in done),
+                'odd_size_examples': [e for s in done for e in s.get('odd_size_examples', [])][:3],
                 **(extra or {})}
     _write_json(out_dir / MANIFEST, manifest)
     report = stats.report() if hasattr(stats, 'report') else ''
+    if manifest['odd_size_skipped']:
+        report += (f' Skipped {manifest["odd_size_skipped"]} documents whose image is not the tokenizer\'s '
+                   f'{want[0]}x{want[1]} ({", ".join(manifest["odd_size_examples"])}); set source.resize to '
+                   f'resize them instead.')
     tqdm.write(f'prepared {manifest["documents"]} documents ({manifest["tokens"]:,} tokens) in {len(done)} shards '
                f'in {out_dir}. {report}'.strip())
     return manifest
@@ -177,8 +208,8 @@ def _load_progress(out_dir: pathlib.Path, identity: dict) -> dict:
     progress = json.loads(path.read_text())
     for key in ('vocab_fingerprint', 'text_tokenizer', 'image_tokenizer', 'shard_size'):
         if progress.get(key) != identity[key]:
-            raise ValueError(f'{out_dir} holds a partial run with another {key} ({progress.get(key)} vs '
-                             f'{identity[key]}): use a new output directory or delete that one')
+            raise ConfigError(f'{out_dir} holds shards prepared with another {key} ({progress.get(key)} vs '
+                              f'{identity[key]}): use a new output directory, or the settings it was prepared with')
     for shard in progress['shards']:
         if not (out_dir / shard['path']).exists():
             raise FileNotFoundError(f'{out_dir / shard["path"]} is listed in {path} but missing: delete {path} '

@@ -7,6 +7,9 @@ a `stats` attribute (`SourceStats`) describing the latest pass, and `report()`:
     docs = list(src)
     src.report()  # 'read 998 documents, skipped 2: 1 undecodable image (a.png), 1 bad json line (captions.jsonl:7)'
 
+Images of every mode come out as the 8-bit RGB they show (`cm3jax.data.images`: 16-bit
+scaled, alpha composited on ``background``, palettes expanded, EXIF orientation applied).
+
 Corrupt records (truncated or undecodable images, missing files, bad JSON lines, missing captions,
 unreadable tars) never crash a source and are never lost silently: they are skipped, counted by
 reason with their first few record ids, and each reason logs one warning per pass.
@@ -34,6 +37,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from cm3jax.data import images
 from cm3jax.data.documents import Document
 
 log = logging.getLogger(__name__)
@@ -149,44 +153,25 @@ class Skip(Exception):
         self.reason, self.record, self.detail = reason, record, detail
 
 
-# ---- Images ----
+# ---- Images (modes and sizes: cm3jax.data.images) ----
 
-def _size(resize) -> tuple[int, int] | None:
-    if resize is None:
-        return None
-    h, w = (resize, resize) if isinstance(resize, (int, np.integer)) else tuple(resize)
-    if h < 1 or w < 1:
-        raise ValueError(f'resize={resize!r}: give a positive int S or (height, width)')
-    return int(h), int(w)
-
-
-def _fit(img: Image.Image, size: tuple[int, int] | None) -> np.ndarray:
-    """PIL image -> uint8 [H, W, 3]; with ``size=(H, W)``: scale so the image covers H x W
-    (bicubic), then centre-crop to exactly H x W (aspect ratio kept, edges cut)."""
-    img = img.convert('RGB')
-    if size is not None:
-        h, w = size
-        scale = max(h / img.height, w / img.width)
-        sw, sh = max(w, round(img.width * scale)), max(h, round(img.height * scale))
-        img = img.resize((sw, sh), Image.BICUBIC)
-        left, top = (sw - w) // 2, (sh - h) // 2
-        img = img.crop((left, top, left + w, top + h))
-    return np.asarray(img, np.uint8)
-
-
-def decode_image(data: bytes | str | os.PathLike, record: str, resize=None) -> np.ndarray:
-    """Bytes or a path -> uint8 [H, W, 3]; raises `Skip` for a missing, truncated or undecodable image."""
+def decode_image(data: bytes | str | os.PathLike, record: str, resize=None, background=images.WHITE) -> np.ndarray:
+    """Bytes or a path -> uint8 [H, W, 3] (`images.to_rgb`, then `images.fit` to ``resize``);
+    raises `Skip` for a missing, truncated or undecodable image, or one of an unusable mode."""
     if not isinstance(data, (bytes, bytearray)) and not os.path.isfile(data):
         raise Skip('missing image', record)
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data) as img:
             img.load()  # decode now: truncated files fail here, not later
-            return _fit(img, _size(resize))
+            pixels = images.to_rgb(img, background)
+    except images.UnusableImage as e:
+        raise Skip('unsupported image', record, str(e)) from None
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         raise Skip('undecodable image', record, f'{type(e).__name__}: {e}') from None
+    return images.fit(pixels, images.size_of(resize))
 
 
-def _array_image(x, record: str, resize=None) -> np.ndarray:
+def _array_image(x, record: str, resize=None, background=images.WHITE) -> np.ndarray:
     """A decoded image array (uint8 [H, W], [H, W, 1|3|4]) -> uint8 [H, W, 3]."""
     a = np.asarray(x)
     if a.ndim == 3 and a.shape[-1] == 1:
@@ -195,7 +180,7 @@ def _array_image(x, record: str, resize=None) -> np.ndarray:
         raise Skip('unsupported image', record, f'dtype {a.dtype}, shape {a.shape}')
     if a.ndim == 3 and a.shape[-1] == 3 and resize is None:
         return a
-    return _fit(Image.fromarray(a), _size(resize))
+    return images.fit(images.to_rgb(Image.fromarray(a), background), images.size_of(resize))
 
 
 def _doc(caption: str, image: np.ndarray, id: str, **meta) -> Document:
@@ -300,21 +285,22 @@ def _caption_of(rec: dict, keys: Sequence[str]):
 class FolderSource(Source):
     """Images under ``root`` listed in ``root/captions.jsonl``, one JSON object a line:
     ``{"image": "a.png", "caption": "..."}`` (aliases: ``file_name``/``file`` and ``text``; the
-    image path is relative to ``root``). resize: None (native size), S or (H, W): scale to cover,
-    then centre-crop. Skipped and counted: bad JSON lines, records without image or caption,
+    image path is relative to ``root``). resize: None or 'none' (native size), S or (H, W): scale to cover,
+    then centre-crop. background: the RGB that transparent pixels are composited on
+    (`cm3jax.data.images`). Skipped and counted: bad JSON lines, records without image or caption,
     missing files, truncated or undecodable images. Document ids are the image paths."""
     kind = 'folder'
 
     def __init__(self, root, captions: str = 'captions.jsonl', resize=None,
                  image_keys: Sequence[str] = ('image', 'file_name', 'file'),
-                 caption_keys: Sequence[str] = ('caption', 'text')):
+                 caption_keys: Sequence[str] = ('caption', 'text'), background=images.WHITE):
         super().__init__()
         self.root = os.fspath(root)
         self.captions = captions if os.path.isabs(captions) else os.path.join(self.root, captions)
         if not os.path.isfile(self.captions):
             raise FileNotFoundError(f'folder_source: no {self.captions!r}; write one JSON object per line, '
                                     f'like {{"image": "a.png", "caption": "..."}}')
-        self.resize = _size(resize)
+        self.resize, self.background = images.size_of(resize), images.background_of(background)
         self.image_keys, self.caption_keys = tuple(image_keys), tuple(caption_keys)
 
     def _load(self, line: bytes, where: str) -> Document:
@@ -329,7 +315,7 @@ class FolderSource(Source):
             raise Skip('record without image', where, f'expected one of {self.image_keys}')
         if not isinstance(caption, str):
             raise Skip('missing caption', where, f'expected a string in one of {self.caption_keys}')
-        pixels = decode_image(os.path.join(self.root, image), image, self.resize)
+        pixels = decode_image(os.path.join(self.root, image), image, self.resize, self.background)
         return _doc(caption, pixels, image, path=os.path.join(self.root, image))
 
     def _records(self):
@@ -376,12 +362,13 @@ class WebDatasetSource(Source):
     where the rest of the tar is lost. Document ids are 'TAR:KEY'."""
     kind = 'webdataset'
 
-    def __init__(self, paths, caption_key: str = 'caption', resize=None):
+    def __init__(self, paths, caption_key: str = 'caption', resize=None, background=images.WHITE):
         super().__init__()
         self.paths = expand_paths(paths)
         if not self.paths:
             raise ValueError(f'webdataset_source: no tar files match {paths!r}')
-        self.caption_key, self.resize = caption_key, _size(resize)
+        self.caption_key, self.resize = caption_key, images.size_of(resize)
+        self.background = images.background_of(background)
 
     def shard(self, index: int, count: int) -> 'WebDatasetSource':
         out = super().shard(index, count)
@@ -410,7 +397,7 @@ class WebDatasetSource(Source):
                 raise Skip('missing caption', where, f'no string {self.caption_key!r} in {key}.json')
         else:
             raise Skip('missing caption', where, f'no {key}.txt or {key}.json')
-        return _doc(caption, decode_image(bytes(image), where, self.resize), where, key=key, tar=tar)
+        return _doc(caption, decode_image(bytes(image), where, self.resize, self.background), where, key=key, tar=tar)
 
     def _records(self):
         index, count = self._shard
@@ -484,7 +471,8 @@ class TfdsSource(Source):
     kind = 'tfds'
 
     def __init__(self, name: str, split: str = 'train', data_dir=None, image_key: str = 'image',
-                 caption_key: str | Callable[[dict], Any] = 'caption', captions: str = 'first', resize=None):
+                 caption_key: str | Callable[[dict], Any] = 'caption', captions: str = 'first', resize=None,
+                 background=images.WHITE):
         super().__init__()
         try:
             import tensorflow_datasets as tfds
@@ -502,7 +490,8 @@ class TfdsSource(Source):
                              f'({type(e).__name__}: {e}); prepare it first (tfds build, or '
                              f"builder.download_and_prepare(file_format='array_record'))") from e
         self.name, self.split, self.image_key = name, split, image_key
-        self.caption_key, self.captions, self.resize = caption_key, captions, _size(resize)
+        self.caption_key, self.captions, self.resize = caption_key, captions, images.size_of(resize)
+        self.background = images.background_of(background)
 
     def __len__(self) -> int:
         return len(self._ds)
@@ -524,7 +513,7 @@ class TfdsSource(Source):
             raise Skip('missing caption', where, f'{type(e).__name__}: {e}') from None
         if not texts:
             raise Skip('missing caption', where, 'no captions')
-        pixels = _array_image(image, where, self.resize)
+        pixels = _array_image(image, where, self.resize, self.background)
         if self.captions == 'first':
             return _doc(texts[0], pixels, where, index=i)
         return [_doc(t, pixels, f'{where}#{j}', index=i) for j, t in enumerate(texts)]

@@ -26,7 +26,8 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from cm3jax.data import documents, neighbours, prepare
+from cm3jax.data import documents, neighbours, prepare, shards
+from cm3jax.errors import DataError
 from cm3jax.retrieval import clip, index, select
 from cm3jax.retrieval.load import Retriever
 from cm3jax.vq import model as vq
@@ -48,11 +49,19 @@ class BuildConfig:
             raise ValueError(f'build-index needs top_m >= 1 and batch >= 1; got {self.top_m}, {self.batch}')
 
 
-def _chunks(data_dir: pathlib.Path, manifest: dict, batch: int) -> Iterator[list[tuple[list, list]]]:
-    import grain
-    source = grain.sources.ArrayRecordDataSource([str(data_dir / s['path']) for s in manifest['shards']])
+def _chunks(data_dir: pathlib.Path, manifest: dict, batch: int, vocab_size: int) -> Iterator[list[tuple[list, list]]]:
+    source = shards.ShardRecords(data_dir, manifest['shards'])
     for start in range(0, len(source), batch):
-        yield [documents.decode_record(source[i])[:2] for i in range(start, min(start + batch, len(source)))]
+        yield [_decode(source, i, vocab_size) for i in range(start, min(start + batch, len(source)))]
+
+
+def _decode(source: shards.ShardRecords, i: int, vocab_size: int) -> tuple[list, list]:
+    # every document needs its bank row (neighbour ids are row numbers): a damaged one stops the build
+    try:
+        return documents.decode_record(source[i], vocab_size)[:2]
+    except documents.CorruptRecord as e:
+        raise DataError(f'build-index cannot embed document {i} of {source.data_dir}: {e}; prepare the data '
+                        f'again (`cm3jax prepare`)') from None
 
 
 def embed_documents(data_dir, retriever: Retriever, cfg: BuildConfig, *, dropout: float,
@@ -65,7 +74,7 @@ def embed_documents(data_dir, retriever: Retriever, cfg: BuildConfig, *, dropout
     r = vq_cfg.latent_resolution
     docs, queries, modality = [], [], []
     start = 0
-    for chunk in tqdm(_chunks(data_dir, manifest, cfg.batch), total=-(-manifest['documents'] // cfg.batch),
+    for chunk in tqdm(_chunks(data_dir, manifest, cfg.batch, vocab.size), total=-(-manifest['documents'] // cfg.batch),
                       desc=desc, unit='batch'):
         n = len(chunk)
         text_ids = [np.concatenate([s for s, img in zip(segs, flags) if not img] or [np.zeros(0, np.int32)])

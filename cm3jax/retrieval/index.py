@@ -40,6 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from cm3jax import parallel
+from cm3jax.errors import Cm3jaxError
 
 HEADER, EMBEDDINGS, IDS, MODALITY = 'bank.json', 'embeddings.npy', 'ids.npy', 'modality.npy'
 FORMAT, VERSION = 'cm3jax.memory_bank', 1
@@ -51,11 +52,11 @@ _NO_KEY = np.iinfo(np.int32).max
 MODES = ('exact', 'approx')
 
 
-class DimensionMismatchError(ValueError):
+class DimensionMismatchError(Cm3jaxError, ValueError):
     """Query embeddings whose width differs from the bank's."""
 
 
-class BankFormatError(ValueError):
+class BankFormatError(Cm3jaxError, ValueError):
     """A bank directory that is missing, incomplete or inconsistent."""
 
 

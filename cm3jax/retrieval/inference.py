@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from cm3jax.data import documents, prepare
+from cm3jax.data import documents, prepare, shards
 from cm3jax.retrieval import index, select
 from cm3jax.retrieval.build import BANK_DIR
 from cm3jax.retrieval.load import Retriever
@@ -30,8 +30,6 @@ def retrieve(retriever: Retriever, data_dir: str | pathlib.Path, prompts: Sequen
     """Per prompt, up to ``k`` laid-out token documents (Int32[T_i], each ending in ``<eos>``),
     best first, from the bank of ``data_dir``. ``vocab``: the generator's, checked against the
     data's (retrieved ids must mean what the LM learned)."""
-    import grain
-
     data_dir = pathlib.Path(data_dir)
     manifest = prepare.read_manifest(data_dir, vocab)
     vocab = vocab or Vocab.from_dict(manifest['vocab'])
@@ -43,13 +41,13 @@ def retrieve(retriever: Retriever, data_dir: str | pathlib.Path, prompts: Sequen
                          f'{bank.fingerprint}): query it with that one, or run `cm3jax build-index` again')
     queries = retriever.embed_texts(list(prompts))
     found, _ = select.neighbours(bank, queries, -1 - np.arange(len(prompts)), top_m=k, cfg=cfg, mesh=retriever.mesh)
-    source = grain.sources.ArrayRecordDataSource([str(data_dir / s['path']) for s in manifest['shards']])
+    source = shards.ShardRecords(data_dir, manifest['shards'])
     rng = np.random.default_rng(0)  # the layout draws nothing with text_first=1 and no dropout
     out = []
     for row in found:
         docs = []
         for doc_id in row[row >= 0]:
-            segments, is_image, _ = documents.decode_record(source[int(doc_id)])
+            segments, is_image, _ = documents.decode_record(source[int(doc_id)], vocab.size)
             docs.append(documents.layout(segments, is_image, vocab, rng, RETRIEVED_LAYOUT))
         out.append(docs)
     return out

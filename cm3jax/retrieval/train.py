@@ -31,6 +31,7 @@ from cm3jax import params as params_lib, parallel
 from cm3jax.data import batches as batches_lib
 from cm3jax.data.sources import Skip, make_source
 from cm3jax.data.worlds import shapes_judge
+from cm3jax.errors import ConfigError
 from cm3jax.retrieval import clip, load
 from cm3jax.text_tokenizer import TextTokenizer, train_bpe
 from cm3jax.train import loop, metrics as metrics_lib
@@ -216,8 +217,9 @@ def text_tokenizer(config, workdir: pathlib.Path) -> TextTokenizer:
     return train_bpe(captions, tc.vocab_size)
 
 
-def init_from(env: Env, path: str, target):
-    """Params to fine-tune from ``path``: HF CLIP weights or a train-retriever workdir."""
+def init_from(env: Env, path: str, target, step: int | None = None):
+    """Params to fine-tune from ``path``: HF CLIP weights or a train-retriever workdir (its
+    checkpoint ``step``; None: the latest)."""
     path = pathlib.Path(path)
     raw = json.loads((path / 'config.json').read_text()) if (path / 'config.json').exists() else {}
     cfg = env.model.cfg
@@ -228,8 +230,10 @@ def init_from(env: Env, path: str, target):
                                logit_scale_init=cfg.logit_scale_init) != cfg:
             raise ValueError(f'init_from={path} holds a CLIP of another shape than model: {hf_cfg} vs {cfg}; '
                              f'set the model fields to the checkpoint\'s')
+        if step is not None:
+            raise ConfigError(f'--step={step} names a checkpoint step, but init_from={path} holds HF CLIP weights')
         return params_lib.place(params, target, 'the converted CLIP weights')
-    return params_lib.restore(path, target)
+    return params_lib.restore(path, target, step)
 
 
 

@@ -7,6 +7,9 @@
   a (2, 2, 2) mesh loads onto (4,) or one device.
 - A checkpoint whose tensors do not fit the target is refused with `CheckpointMismatch`,
   naming the tensor and both shapes.
+- A damaged step (empty, a file missing or cut short) is diagnosed as `DamagedCheckpoint`;
+  `resume` walks back to the newest step that restores completely, says which it skipped and
+  why, and moves the damaged ones aside (``damaged-STEP``) before its first save replaces them.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from cm3jax.params import CheckpointMismatch, check_fits, manager
+from cm3jax.errors import DamagedCheckpoint
+from cm3jax.params import CheckpointMismatch, check_complete, check_fits, manager, read_damage
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +64,9 @@ class Checkpointer:
         self.directory = pathlib.Path(directory).absolute()
         self.every_steps, self.every_seconds, self.clock = every_steps, every_seconds, clock
         self._last_save_time = clock()
-        self._manager = manager(self.directory, max_to_keep=keep, enable_async_checkpointing=use_async,
-                                create=True)
+        self._options = dict(max_to_keep=keep, enable_async_checkpointing=use_async, create=True)
+        self._manager = manager(self.directory, **self._options)
+        self.damaged: list[tuple[int, str]] = []  # (step, why) that `resume` walked back past
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -86,6 +91,8 @@ class Checkpointer:
 
     def save(self, step: int, state, data_state: Any = None) -> None:
         """Start an async save of ``state`` (global arrays) and the data iterator's state."""
+        if self.damaged:
+            self._set_aside()
         if step in self._manager.all_steps():
             return
         data = {'processes': _gather_json(_to_json(data_state))}
@@ -97,25 +104,60 @@ class Checkpointer:
     def restore(self, target, step: int | None = None) -> tuple[Any, Any]:
         """Load ``step`` (default: latest) into ``target``'s shapes and shardings (e.g.
         `cm3jax.train.state.abstract_state` on the current mesh). Returns (state, this
-        process's data state)."""
+        process's data state). A step that is not all there raises `DamagedCheckpoint`."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f'no checkpoint in {self.directory}')
         where = f'checkpoint {self.directory}/{step}'
+        check_complete(self.directory, step, items=('state', 'data'))
         check_fits(self._manager.item_metadata(step)['state'], target, where, whole=True)
-        restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                                       data=ocp.args.JsonRestore()))
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                                           data=ocp.args.JsonRestore()))
+        except (ValueError, KeyError, OSError) as e:
+            raise read_damage(step, e) from None
         return restored['state'], _from_json(_pick_data_state(restored['data']['processes'], where))
 
     def resume(self, target, data) -> Any | None:
-        """The latest state restored into ``target``, with ``data``'s iterator moved to where it
-        was (``data.set_state``); None when there is no checkpoint yet."""
-        if self.latest_step() is None:
-            return None
-        state, data_state = self.restore(target)
-        data.set_state(data_state)
-        log.info('resumed from step %d in %s', int(state['step']), self.directory)
-        return state
+        """The newest state that restores completely, into ``target``, with ``data``'s iterator
+        moved to where it was (``data.set_state``); None when there is no checkpoint yet. Damaged
+        steps are walked past (listed in ``damaged`` and logged); when none restores, raises
+        `DamagedCheckpoint` listing them all."""
+        damaged = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                state, data_state = self.restore(target, step)
+            except DamagedCheckpoint as e:
+                damaged.append((step, str(e)))
+                log.info('%s; trying the step before', e)
+                continue
+            data.set_state(data_state)
+            self.damaged = damaged
+            log.info('resumed from step %d in %s', int(state['step']), self.directory)
+            return state
+        if damaged:
+            raise DamagedCheckpoint(f'no checkpoint in {self.directory} restores completely: '
+                                    + '; '.join(why for _, why in damaged)
+                                    + f'. Move {self.directory} away to start the run over')
+        return None
+
+    def _set_aside(self) -> None:
+        """Rename the damaged steps to ``damaged-STEP`` (orbax ignores such names), so that the
+        run saves those steps afresh; nothing is deleted."""
+        if jax.process_index() == 0:
+            for step, _ in self.damaged:
+                src, dst = self.directory / str(step), self.directory / f'damaged-{step}'
+                if src.exists():
+                    n = 1
+                    while dst.exists():
+                        dst, n = self.directory / f'damaged-{step}.{n}', n + 1
+                    src.rename(dst)
+                    log.warning('moved damaged checkpoint step %d to %s', step, dst)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices('cm3jax: damaged checkpoints set aside')
+        self.damaged = []
+        self._manager.close()
+        self._manager = manager(self.directory, **self._options)
 
     def wait(self) -> None:
         """Block until every started save is on disk."""

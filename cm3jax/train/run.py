@@ -4,8 +4,12 @@ A model family describes itself as a `Task` (what to build, how to initialise, t
 whole step, its data, its evals and its summary line); `run` does everything else, the same way
 for all of them, top to bottom:
 
-  distributed init -> mesh and rules -> batch check -> config.json -> build -> data ->
-  state (resume, else init_from, else init) -> step -> hooks -> `loop.train` -> close -> summary
+  distributed init -> mesh and rules -> batch check -> build -> data -> state (resume, else
+  init_from, else init) -> config.json -> step -> hooks -> `loop.train` -> close -> summary
+
+``config.json`` is written only once the state is settled: a command refused on the way (a config
+that does not fit the run's checkpoints, say) leaves the workdir as it was. Resuming walks back
+past damaged checkpoint steps to the newest one that restores (`Checkpointer.resume`).
 
 The workdir holds ``config.json``, ``checkpoints/``, ``metrics.jsonl`` and ``tensorboard/`` (plus
 what the task writes); running the same command again resumes from the latest checkpoint, and a
@@ -70,8 +74,8 @@ def _plain_summary(env: Env, scalars: dict) -> tuple[dict, str]:
     return scalars, f'loss {scalars.get("loss", float("nan")):.3f}'
 
 
-def _restore(env: Env, path: str, target):
-    return params_lib.restore(path, target)
+def _restore(env: Env, path: str, target, step: int | None = None):
+    return params_lib.restore(path, target, step)
 
 
 def _per_step(env: Env) -> tuple[int, float]:
@@ -99,7 +103,8 @@ class Task:
     batch_axes: logical names of a batch leaf's leading axes.
     throughput(env) -> (tokens per step, model FLOPs per step); FLOPs > 0 turns MFU on.
     decay_mask(params) -> which parameters weight decay applies to.
-    init_from(env, path, target) -> params for a fresh run started from ``path``.
+    init_from(env, path, target, step) -> params for a fresh run started from ``path`` (its
+      checkpoint ``step``; None: the latest).
     """
     name: str
     build: Callable[[Env], Any]
@@ -114,7 +119,7 @@ class Task:
     batch_axes: tuple[str | None, ...] = ('act_batch', 'act_len')
     throughput: Callable[[Env], tuple[int, float]] = _per_step
     decay_mask: Callable[[Any], Any] = optim.decay_mask
-    init_from: Callable[[Env, str, Any], Any] = _restore
+    init_from: Callable[[Env, str, Any, int | None], Any] = _restore
 
     def __post_init__(self):
         if (self.loss is None) == (self.step is None):
@@ -153,15 +158,18 @@ def check_batch(config, env: Env) -> None:
                           f'processes')
 
 
-def run(config, workdir: str | pathlib.Path, task: Task, *, init_from: str | None = None) -> dict[str, float]:
+def run(config, workdir: str | pathlib.Path, task: Task, *, init_from: str | None = None,
+        init_step: int | None = None) -> dict[str, float]:
     """Train (or resume) ``task`` in ``workdir``; ``init_from``: a run (or weights the task can
-    read) whose parameters start a fresh run with a fresh optimizer. Returns the summary dict
-    (also printed): the latest logged scalars, 'step', and what the task adds."""
+    read) whose parameters start a fresh run with a fresh optimizer (``init_step``: its
+    checkpoint step; None: the latest). Returns the summary dict (also printed): the latest
+    logged scalars, 'step', and what the task adds."""
     with loop.Preemption() as preemption:
-        return _run(config, pathlib.Path(workdir).absolute(), task, init_from, preemption)
+        return _run(config, pathlib.Path(workdir).absolute(), task, init_from, init_step, preemption)
 
 
-def _run(config, workdir: pathlib.Path, task: Task, init_from: str | None, preemption) -> dict[str, float]:
+def _run(config, workdir: pathlib.Path, task: Task, init_from: str | None, init_step: int | None,
+         preemption) -> dict[str, float]:
     parallel.maybe_initialize_distributed()
     t = config.train
 
@@ -171,7 +179,6 @@ def _run(config, workdir: pathlib.Path, task: Task, init_from: str | None, preem
     check_batch(config, env)
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
     env.say(f'devices: {jax.device_count()} x {jax.devices()[0].platform} in {jax.process_count()} process(es); '
             f'mesh {dict(mesh.shape)}; workdir {workdir}')
 
@@ -193,17 +200,22 @@ def _run(config, workdir: pathlib.Path, task: Task, init_from: str | None, preem
     ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', every_steps=t.checkpoint_every,
                                    every_seconds=60 * t.checkpoint_minutes, keep=t.keep, use_async=t.async_checkpoint)
     state = ckpt.resume(target, data)
+    for step, why in ckpt.damaged:
+        env.say(f'skipped checkpoint step {step}: {why}')
     if state is not None:
         env.say(f'resumed from step {int(state["step"])} in {ckpt.directory}')
     else:
         if init_from:
-            params = task.init_from(env, init_from, target['params'])
-            env.say(f'initialised params from {init_from}; fresh optimizer')
+            params = task.init_from(env, init_from, target['params'], init_step)
+            step_name = 'the latest step' if init_step is None else f'step {init_step}'
+            env.say(f'initialised params from {init_from} ({step_name}); fresh optimizer')
         else:
             params, _ = params_lib.init_sharded(init_fn, mesh, env.rules, rng, target=target['params'])
         state = state_lib.fresh_optimizer(params, optimizer, target)
         if extra_fn is not None:
             state.update(jax.block_until_ready(extra_fn(state['params'])))
+    if jax.process_index() == 0:  # only now: a refused command leaves the workdir as it was
+        (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
     env.say(f'{task.name}: {parallel.num_params(state["params"]):,} params; replicated large-param bytes '
             f'{parallel.check_sharding(state["params"]):.0%}')
 

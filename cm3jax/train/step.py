@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cm3jax.errors import Cm3jaxError
 from cm3jax.train import optim
 from cm3jax.train.loss import Stats, means
 from cm3jax.train.state import State
@@ -22,7 +23,7 @@ from cm3jax.train.state import State
 LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, Stats]]
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(Cm3jaxError, FloatingPointError):
     """The loss or the gradients became NaN/inf; the update was not applied."""
 
 
