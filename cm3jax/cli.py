@@ -43,9 +43,14 @@ from ml_collections import config_flags
 from cm3jax.errors import Cm3jaxError
 
 PRESETS = pathlib.Path(configs.__file__).resolve().parent  # the configs/ installed with cm3jax
+DEFAULT_CONFIG = f'{PRESETS / "lm.py"}:tiny'
+# The command line the config flag takes its --config.FIELD overrides from: `run` fills it in
+# before parsing. Left to read sys.argv, ml_collections would apply the overrides to the default
+# config while this module is imported, where an unknown field is a traceback no code can catch.
+_ARGV: list[str] = sys.argv[:1]
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', f'{PRESETS / "lm.py"}:tiny', 'A config file and its preset, e.g. configs/lm.py:tiny.',
-    lock_config=True)
+    'config', DEFAULT_CONFIG, 'A config file and its preset, e.g. configs/lm.py:tiny.', lock_config=True,
+    sys_argv=_ARGV)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'train: directory for checkpoints, metrics and TensorBoard logs.')
 _INIT_FROM = flags.DEFINE_string('init_from', None, 'train: start from the params of the latest checkpoint in '
                                  'this workdir (or weights the task reads), with a fresh optimizer.')
@@ -282,7 +287,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def _load_config(argv: list[str]):
     """The config ``--config=FILE[:ARG]`` names (or the default), without its overrides."""
     from ml_collections.config_flags import config_flags as cf
-    spec = next((a[len('--config='):] for a in argv if a.startswith('--config=')), _CONFIG.default)
+    spec = next((a[len('--config='):] for a in argv if a.startswith('--config=')), DEFAULT_CONFIG)
     path, _, arg = spec.partition(':')
     module = cf._LoadConfigModule('cm3jax_config', path)  # the loader the flag itself uses
     return module.get_config(arg) if arg else module.get_config()
@@ -340,13 +345,18 @@ def _resolve(spec: str, cwd: str | None) -> str:
 
 
 def default_config(argv: list[str]) -> list[str]:
-    """`cm3jax quickstart` without --config runs configs/quickstart.py (the flag's own default is the LM's)."""
+    """``argv`` with its --config made explicit: `cm3jax quickstart` without one runs
+    configs/quickstart.py, every other command configs/lm.py:tiny (the flag is parsed, and its
+    overrides applied, only when it is on the command line)."""
     given = any(a == '--config' or a.startswith('--config=') for a in argv)
-    if len(argv) > 1 and argv[1] == 'quickstart' and not given:
-        return [argv[0], argv[1], f'--config={PRESETS / "quickstart.py"}', *argv[2:]]
-    return argv
+    if given or len(argv) < 2:
+        return argv
+    default = f'{PRESETS / "quickstart.py"}' if argv[1] == 'quickstart' else DEFAULT_CONFIG
+    return [argv[0], argv[1], f'--config={default}', *argv[2:]]
 
 
 def run() -> None:
     """Console-script entry point."""
-    app.run(main, argv=default_config(resolve_config_flag(sys.argv)), flags_parser=_parse_flags)
+    argv = default_config(resolve_config_flag(sys.argv))
+    _ARGV[:] = argv
+    app.run(main, argv=argv, flags_parser=_parse_flags)

@@ -176,8 +176,18 @@ def read_damage(step: int, error: Exception) -> DamagedCheckpoint:
     """The `DamagedCheckpoint` for a read of step ``step`` that failed with ``error``: its first
     line, which names the file tensorstore could not read."""
     first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    first = first.split(' [tensorstore_spec=')[0]  # the file and the byte range come before tensorstore's spec
     return DamagedCheckpoint(f'checkpoint step {step} is damaged: reading it failed with {type(error).__name__}: '
-                             f'{first[:400]}')
+                             f'{first[:800]}')
+
+
+def saved_tensors(reader: ocp.CheckpointManager, step: int):
+    """The orbax metadata of step ``step``'s train state, or `DamagedCheckpoint` (reading it opens
+    every array's zarr header, which lives in the array files)."""
+    try:
+        return reader.item_metadata(step)['state']
+    except _READ_ERRORS as e:
+        raise read_damage(step, e) from None
 
 
 def _other_steps(directory: pathlib.Path, step: int) -> str:
@@ -204,7 +214,7 @@ def restore(directory: str | pathlib.Path, target_params, step: int | None = Non
         where = f'checkpoint {directory}/{step}'
         try:
             check_complete(directory, step)
-            saved = reader.item_metadata(step)['state']
+            saved = saved_tensors(reader, step)
         except DamagedCheckpoint as e:
             raise DamagedCheckpoint(f'{e}; {_other_steps(directory, step)}') from None
         check_fits(saved, {'params': target_params}, where)

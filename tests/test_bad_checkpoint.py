@@ -51,9 +51,9 @@ def _no_metadata(step_dir: pathlib.Path):
 
 
 def _truncated_array(step_dir: pathlib.Path):
-    biggest = max((p for p in (step_dir / 'state').rglob('*') if p.is_file() and p.parent.name == 'd'),
-                  key=lambda p: p.stat().st_size)
-    damage.truncate(biggest)
+    for path in (step_dir / 'state').rglob('*'):  # every array data file (OCDBT's d/ directories)
+        if path.is_file() and path.parent.name == 'd':
+            damage.truncate(path)
     return 'reading it failed'
 
 
@@ -90,6 +90,20 @@ def test_no_step_restoring_is_an_error_listing_each(reference, tmp_path):
     assert damage.tree_hash(workdir) == before
 
 
+def test_deleted_array_files_and_a_missing_data_item_are_damage(reference, tmp_path):
+    from cm3jax import params as params_lib
+    workdir = tmp_path / 'run'
+    shutil.copytree(reference, workdir)
+    shutil.rmtree(workdir / 'checkpoints' / '6' / 'data')
+    with pytest.raises(DamagedCheckpoint, match=r'step 6 is damaged: .*/6/data/metadata is missing'):
+        params_lib.check_complete(workdir / 'checkpoints', 6, items=('state', 'data'))
+    for path in (workdir / 'checkpoints' / '4' / 'state').rglob('*'):
+        if path.is_file() and path.parent.name == 'd':
+            path.unlink()
+    with pytest.raises(DamagedCheckpoint, match=r'step 4 is damaged: reading it failed .*NOT_FOUND.*--step=N .*\(2, 6\)'):
+        _params(workdir, 4)
+
+
 def test_a_refused_train_leaves_the_workdir_byte_identical(reference, tmp_path):
     workdir = tmp_path / 'run'
     shutil.copytree(reference, workdir)
@@ -100,8 +114,9 @@ def test_a_refused_train_leaves_the_workdir_byte_identical(reference, tmp_path):
 
 
 def test_init_from_takes_a_step(reference, tmp_path):
+    # steps=0: the params are read (and the run set up), nothing is compiled or trained
     done = damage.cli('train', *ARGS, f'--workdir={tmp_path / "new"}', f'--init_from={reference}', '--step=2',
-                      '--config.train.steps=1')
+                      '--config.train.steps=0')
     assert done.returncode == 0, done.stderr[-3000:]
     assert f'initialised params from {reference} (step 2)' in done.stdout + done.stderr
     done = damage.cli('train', *ARGS, f'--workdir={tmp_path / "other"}', f'--init_from={reference}', '--step=5')

@@ -26,19 +26,41 @@ TRAIN = ['train', '--config=configs/lm.py:tiny', '--config.train.eval_every=0', 
          '--config.train.batch=16', '--config.train.seq_len=16']
 
 
+def _damage(data):
+    """Shard 0: one record with ids outside the vocab; 1: cut to half; 2: 4 KiB of garbage among
+    its records; 3: random bytes."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+    manifest = json.loads((data / 'manifest.json').read_text())
+    records = shards.ShardRecords(data, manifest['shards'][:1])
+    kept = [records[i] for i in range(len(records))]
+    segments, is_image, header = documents.decode_record(kept[7])
+    segments[0] = segments[0] + 10_000
+    kept[7] = documents.encode_record(segments, is_image, header['id'])
+    w = ArrayRecordWriter(str(data / SHARDS[0]), 'group_size:1')
+    for r in kept:
+        w.write(r)
+    w.close()
+    damage.truncate(data / SHARDS[1])
+    damage.garbage_inside(data / SHARDS[2])
+    damage.random_bytes(data / SHARDS[3])
+
+
 @pytest.fixture(scope='module')
 def world(tmp_path_factory):
-    """A tokenizer workdir, 128 Shapes documents prepared in 4 shards, and an LM trained 2 steps on them."""
+    """A tokenizer workdir, 128 Shapes documents prepared in 4 shards through the CLI, a damaged
+    copy of them, and the LM trained on that copy for 9 steps (batch 16, one document per row at
+    seq_len 16: past one epoch)."""
     root = tmp_path_factory.mktemp('world')
     damage.tokenizer_workdir(root / 'vq')
     done = damage.cli(*PREPARE, f'--config.vq_workdir={root / "vq"}', f'--config.out={root / "data"}')
     assert done.returncode == 0, done.stderr[-3000:]
     vocab_size = int(re.search(r'model.vocab_size=(\d+)', done.stdout + done.stderr).group(1))
-    train = [*TRAIN, f'--config.model.vocab_size={vocab_size}']
-    done = damage.cli(*train, f'--config.data.dir={root / "data"}', '--config.train.steps=2',
-                      '--config.train.checkpoint_every=2', f'--workdir={root / "lm"}')
-    assert done.returncode == 0, done.stderr[-3000:]
-    return root, train
+    shutil.copytree(root / 'data', root / 'damaged')
+    _damage(root / 'damaged')
+    trained = damage.cli(*TRAIN, f'--config.model.vocab_size={vocab_size}', f'--config.data.dir={root / "damaged"}',
+                         '--config.train.steps=9', '--config.train.checkpoint_every=9', f'--workdir={root / "lm"}')
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    return root, trained
 
 
 def test_a_refused_prepare_leaves_the_data_byte_identical(world):
@@ -56,39 +78,22 @@ def test_a_refused_sample_leaves_the_run_byte_identical(world):
     done = damage.cli('sample', f'--workdir={root / "lm"}', '--prompt=' + 'a red circle left of ' * 40, '--num=1')
     damage.refused(done, 'exceeds the model\'s context', 'shorten the prompt')
     done = damage.cli('sample', f'--workdir={root / "lm"}', '--prompt=a red circle', '--step=1')
-    damage.refused(done, 'no checkpoint step 1', 'it holds steps [2]')
+    damage.refused(done, 'no checkpoint step 1', 'it holds steps [9]')
     assert damage.tree_hash(root / 'lm') == before
 
 
-def test_training_runs_past_damaged_shards_and_reports_them_by_reason_and_shard(world, tmp_path):
-    from array_record.python.array_record_module import ArrayRecordWriter
-    root, train = world
-    data = tmp_path / 'data'
-    shutil.copytree(root / 'data', data, ignore=shutil.ignore_patterns('retrieval_bank'))
-    manifest = json.loads((data / 'manifest.json').read_text())
-    records = shards.ShardRecords(data, manifest['shards'][:1])
-    kept = [records[i] for i in range(32)]
-    segments, is_image, header = documents.decode_record(kept[7])
-    segments[0] = segments[0] + 10_000  # ids far outside the vocab
-    kept[7] = documents.encode_record(segments, is_image, header['id'])
-    w = ArrayRecordWriter(str(data / SHARDS[0]), 'group_size:1')
-    for r in kept:
-        w.write(r)
-    w.close()
-    damage.truncate(data / SHARDS[1])
-    damage.garbage_inside(data / SHARDS[2])
-    damage.random_bytes(data / SHARDS[3])
-
-    done = damage.cli(*train, f'--config.data.dir={data}', '--config.train.steps=9', f'--workdir={tmp_path / "lm"}')
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = done.stdout + done.stderr
+def test_training_runs_past_damaged_shards_and_reports_them_by_reason_and_shard(world):
+    root, trained = world
+    out = trained.stdout + trained.stderr
     report = next(line for line in out.splitlines() if line.startswith('data: ') and 'examples read' in line)
-    # 9 steps of 16 rows read past one epoch of the 128 documents (one per row at seq_len 16)
-    counts = {f'{why} ({shard})': int(n) for n, why, shard in re.findall(r'(\d+) ([a-z ]+) \((shard-\d+\.array_record)\)', report)}
+    counts = {f'{why} ({shard})': int(n)
+              for n, why, shard in re.findall(r'(\d+) ([a-z ]+) \((shard-\d+\.array_record)\)', report)}
     assert counts[f'unreadable shard ({SHARDS[1]})'] >= 32 and counts[f'unreadable shard ({SHARDS[3]})'] >= 32
-    assert 0 < counts[f'unreadable record ({SHARDS[2]})'] < 32, report  # the rest of that shard still reads
+    lost = counts[f'unreadable shard ({SHARDS[1]})']  # a whole shard's worth over the epochs read
+    assert 0 < counts[f'unreadable record ({SHARDS[2]})'] < 0.7 * lost, report  # the rest of that shard reads
     assert counts[f'id outside the vocab ({SHARDS[0]})'] >= 1 and len(counts) == 4, report
-    assert str(data / SHARDS[1]) in report and str(data / SHARDS[3]) in report and 'lm step 9 of 9' in out
+    damaged = root / 'damaged'
+    assert str(damaged / SHARDS[1]) in report and str(damaged / SHARDS[3]) in report and 'lm step 9 of 9' in out
 
 
 def test_unknown_config_fields_name_the_closest_ones():
@@ -100,13 +105,6 @@ def test_unknown_config_fields_name_the_closest_ones():
     damage.refused(done, "no field 'modle.d_model'", 'model.d_model')
     done = damage.cli('config', '--config.model.num_layer=4', '--verbose')
     assert done.returncode != 0 and 'Traceback' in done.stderr and 'KeyError' in done.stderr
-
-
-def test_a_nan_loss_is_one_line(world, tmp_path):
-    done = damage.cli('train', '--config=configs/lm.py:tiny', '--config.optim.learning_rate=1e30',
-                      '--config.optim.warmup_steps=0', '--config.train.steps=4', '--config.train.eval_every=0',
-                      '--config.train.batch=8', '--config.train.progress=False', f'--workdir={tmp_path / "nan"}')
-    damage.refused(done, 'non-finite')
 
 
 ERRORS = [ConfigError('model.num_heads=3 must divide model.d_model=64'),

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Callable
 
 import jax
 import numpy as np
@@ -49,25 +50,27 @@ build.build_index(sys.argv[1], retriever, build.BuildConfig(top_m=3, batch=8, se
 '''
 
 
-def _command(kind: str, root: pathlib.Path, where: pathlib.Path) -> tuple[list[str], pathlib.Path]:
-    """(argv, the path whose appearance says the work has begun) for one kind of trial in ``where``."""
-    if kind == 'saving':
-        return [sys.executable, '-m', 'cm3jax', *LM, f'--workdir={where}'], where / 'checkpoints'
-    if kind == 'preparing':
+def _command(kind: str, root: pathlib.Path, where: pathlib.Path) -> tuple[list[str], Callable[[], bool]]:
+    """(argv, a test that the work has begun: before it the process is importing and compiling)
+    for one kind of trial in ``where``."""
+    if kind == 'saving':  # the first save has started
+        ckpts = where / 'checkpoints'
+        return [sys.executable, '-m', 'cm3jax', *LM, f'--workdir={where}'], lambda: ckpts.is_dir() and any(ckpts.iterdir())
+    if kind == 'preparing':  # the BPE is trained; the shards come next
         return ([sys.executable, '-m', 'cm3jax', *PREPARE, f'--config.vq_workdir={root / "vq"}',
-                 f'--config.out={where}'], where / 'tokenizer.json')
-    return [sys.executable, '-c', INDEX, str(where)], where / 'retrieval_bank'
+                 f'--config.out={where}'], (where / 'tokenizer.json').exists)
+    return [sys.executable, '-c', INDEX, str(where)], lambda: True  # embedding is most of it: any moment
 
 
-def _run(argv, marker: pathlib.Path | None = None, kill_after: float | None = None) -> tuple[float, float, int]:
-    """Run ``argv``; with ``kill_after``, SIGKILL it that many seconds after ``marker`` appears.
-    Returns (seconds until the marker appeared, seconds in all, return code)."""
+def _run(argv, begun: Callable[[], bool] | None = None, kill_after: float | None = None) -> tuple[float, float, int]:
+    """Run ``argv``; with ``kill_after``, SIGKILL it that many seconds after ``begun()`` holds.
+    Returns (seconds until it held, seconds in all, return code)."""
     start = time.monotonic()
     proc = subprocess.Popen(argv, cwd=damage.REPO, env=damage.ONE_DEVICE, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     seen = None
     while proc.poll() is None:
-        if seen is None and marker is not None and marker.exists():
+        if seen is None and begun is not None and begun():
             seen = time.monotonic() - start
         if seen is not None and kill_after is not None and time.monotonic() - start >= seen + kill_after:
             proc.kill()
@@ -101,7 +104,7 @@ class Trials:
     """References made once per kind in ``root``; `trial` runs one kill-and-rerun."""
 
     def __init__(self, root: pathlib.Path, seed: int = 0):
-                self.root, self.rng = root, np.random.default_rng(seed)
+        self.root, self.rng = root, np.random.default_rng(seed)
         damage.tokenizer_workdir(root / 'vq')
         self.reference, self.timing = {}, {}
 
@@ -116,18 +119,18 @@ class Trials:
         if kind in self.reference:
             return
         where = self._fresh(kind, f'ref-{kind}')
-        argv, marker = _command(kind, self.root, where)
-        seen, total, _ = _run(argv, marker)
+        argv, begun = _command(kind, self.root, where)
+        seen, total, _ = _run(argv, begun)
         self.timing[kind] = (seen, total)
         self.reference[kind] = _result(kind, where)
 
     def trial(self, kind: str, n: int) -> dict:
         self.ensure(kind)
         where = self._fresh(kind, f'trial-{kind}-{n}')
-        argv, marker = _command(kind, self.root, where)
+        argv, begun = _command(kind, self.root, where)
         seen, total = self.timing[kind]
         kill_after = float(self.rng.uniform(0.0, 0.9 * (total - seen)))
-        _, _, code = _run(argv, marker, kill_after)
+        _, _, code = _run(argv, begun, kill_after)
         _run(argv)  # the same command again: resumes, or starts over where nothing is kept
         same = _result(kind, where) == self.reference[kind]
         return {'kind': kind, 'killed_after_s': round(kill_after, 2), 'killed': code != 0, 'same': same}

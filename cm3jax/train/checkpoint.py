@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from cm3jax.errors import DamagedCheckpoint
-from cm3jax.params import CheckpointMismatch, check_complete, check_fits, manager, read_damage
+from cm3jax.params import CheckpointMismatch, check_complete, check_fits, manager, read_damage, saved_tensors
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class Checkpointer:
             raise FileNotFoundError(f'no checkpoint in {self.directory}')
         where = f'checkpoint {self.directory}/{step}'
         check_complete(self.directory, step, items=('state', 'data'))
-        check_fits(self._manager.item_metadata(step)['state'], target, where, whole=True)
+        check_fits(saved_tensors(self._manager, step), target, where, whole=True)
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                            data=ocp.args.JsonRestore()))
