@@ -4,7 +4,10 @@ same command run again finishes with nothing lost and the result of an uninterru
 Each trial starts the command, waits until it is doing the work (its first output file exists),
 kills it with SIGKILL after a random part of the work's duration, reruns it to the end and
 compares the result with a reference run's, byte for byte (checkpoints: parameter for parameter).
-The test runs one trial of each kind; ``python -m tests.test_kill_trials N`` runs N, kinds in turn.
+The test runs one trial of saving and one of preparing, the two that resume (about a minute and
+a half of subprocesses on two cores); ``python -m tests.test_kill_trials N`` runs N, the three
+kinds in turn (index building starts over when rerun: its trial checks that nothing half-written
+survives).
 """
 
 from __future__ import annotations
@@ -141,7 +144,7 @@ def trials(tmp_path_factory):
     return Trials(tmp_path_factory.mktemp('kill'))
 
 
-@pytest.mark.parametrize('kind', KINDS)
+@pytest.mark.parametrize('kind', KINDS[:2])
 def test_kill_9_then_rerun_gives_the_uninterrupted_result(trials, kind):
     result = trials.trial(kind, 0)
     assert result['same'], result

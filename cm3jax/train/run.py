@@ -199,7 +199,11 @@ def _run(config, workdir: pathlib.Path, task: Task, init_from: str | None, init_
         target.update(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), extra))
     ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', every_steps=t.checkpoint_every,
                                    every_seconds=60 * t.checkpoint_minutes, keep=t.keep, use_async=t.async_checkpoint)
-    state = ckpt.resume(target, data)
+    try:
+        state = ckpt.resume(target, data)
+    except Exception:  # refused (another model, every step damaged): let orbax's threads go
+        ckpt.close()
+        raise
     for step, why in ckpt.damaged:
         env.say(f'skipped checkpoint step {step}: {why}')
     if state is not None:
