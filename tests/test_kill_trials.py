@@ -1,9 +1,10 @@
 """kill -9 at random moments while saving checkpoints, preparing shards and building the index; the
 same command run again finishes with nothing lost and the result of an uninterrupted run.
 
-Each trial starts the command, waits until it is doing the work (its first output file exists),
-kills it with SIGKILL after a random part of the work's duration, reruns it to the end and
-compares the result with a reference run's, byte for byte (checkpoints: parameter for parameter).
+Each trial starts the command, kills it with SIGKILL at a random point of the work (after a random
+number of steps logged or shards written, plus a random part of one; for index building, which
+writes only at the end, at a random time), reruns it to the end and compares the result with an
+uninterrupted run's, byte for byte (checkpoints: parameter for parameter).
 The test runs one trial of saving and one of preparing, the two that resume (about a minute and
 a half of subprocesses on two cores); ``python -m tests.test_kill_trials N`` runs N, the three
 kinds in turn (index building starts over when rerun: its trial checks that nothing half-written
@@ -18,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Callable
 
@@ -53,39 +55,50 @@ build.build_index(sys.argv[1], retriever, build.BuildConfig(top_m=3, batch=8, se
 '''
 
 
-def _command(kind: str, root: pathlib.Path, where: pathlib.Path) -> tuple[list[str], Callable[[], bool]]:
-    """(argv, a test that the work has begun: before it the process is importing and compiling)
-    for one kind of trial in ``where``."""
-    if kind == 'saving':  # the first save has started
-        ckpts = where / 'checkpoints'
-        return [sys.executable, '-m', 'cm3jax', *LM, f'--workdir={where}'], lambda: ckpts.is_dir() and any(ckpts.iterdir())
-    if kind == 'preparing':  # the BPE is trained; the shards come next
+def _lines(path: pathlib.Path) -> int:
+    try:
+        return path.read_text().count('\n')
+    except FileNotFoundError:
+        return 0
+
+
+def _command(kind: str, root: pathlib.Path, where: pathlib.Path) -> tuple[list[str], Callable[[], int], int]:
+    """(argv, how far the work has got, in units, and how many units it has) for one kind of
+    trial in ``where``: steps logged (each one saved) or shards written; None for index
+    building, which writes its files only at the end."""
+    if kind == 'saving':
+        return ([sys.executable, '-m', 'cm3jax', *LM, f'--workdir={where}'],
+                lambda: _lines(where / 'metrics.jsonl'), 10)
+    if kind == 'preparing':
         return ([sys.executable, '-m', 'cm3jax', *PREPARE, f'--config.vq_workdir={root / "vq"}',
-                 f'--config.out={where}'], (where / 'tokenizer.json').exists)
-    return [sys.executable, '-c', INDEX, str(where)], lambda: True  # embedding is most of it: any moment
+                 f'--config.out={where}'], lambda: len(list(where.glob('shard-*'))), 12)
+    return [sys.executable, '-c', INDEX, str(where)], None, 0
 
 
-def _run(argv, begun: Callable[[], bool] | None = None, kill_after: float | None = None) -> tuple[float, float, int]:
-    """Run ``argv``; with ``kill_after``, SIGKILL it that many seconds after ``begun()`` holds.
-    Returns (seconds until it held, seconds in all, return code)."""
+def _run(argv, progress: Callable[[], int] | None = None, at: float | None = None,
+         delay: float = 0.0) -> tuple[float, int]:
+    """Run ``argv`` to the end, or SIGKILL it ``delay`` seconds after ``progress()`` reaches ``at``
+    (without ``progress``: ``at`` seconds after the start). Returns (seconds, return code)."""
     start = time.monotonic()
     proc = subprocess.Popen(argv, cwd=damage.REPO, env=damage.ONE_DEVICE, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    seen = None
+    err, reached = [], None
+    threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True).start()  # never blocks the child
     while proc.poll() is None:
-        if seen is None and begun is not None and begun():
-            seen = time.monotonic() - start
-        if seen is not None and kill_after is not None and time.monotonic() - start >= seen + kill_after:
+        now = time.monotonic() - start
+        if at is not None and reached is None and (progress() >= at if progress is not None else now >= at):
+            reached = now
+        if reached is not None and now >= reached + delay:
             proc.kill()
             break
-        if time.monotonic() - start > 900:  # a hang guard: each run needs well under a minute
+        if now > 900:  # a hang guard: each run needs well under a minute
             proc.kill()
             raise TimeoutError(argv)
-        time.sleep(0.02)
-    _, err = proc.communicate()
-    if kill_after is None:
-        assert proc.returncode == 0, err[-3000:]
-    return (seen if seen is not None else time.monotonic() - start), time.monotonic() - start, proc.returncode
+        time.sleep(0.01)
+    proc.wait()
+    if at is None:
+        assert proc.returncode == 0, ''.join(err)[-3000:]
+    return time.monotonic() - start, proc.returncode
 
 
 def _result(kind: str, where: pathlib.Path) -> dict:
@@ -122,21 +135,25 @@ class Trials:
         if kind in self.reference:
             return
         where = self._fresh(kind, f'ref-{kind}')
-        argv, begun = _command(kind, self.root, where)
-        seen, total, _ = _run(argv, begun)
-        self.timing[kind] = (seen, total)
+        argv, _, _ = _command(kind, self.root, where)
+        self.timing[kind], _ = _run(argv)
         self.reference[kind] = _result(kind, where)
 
     def trial(self, kind: str, n: int) -> dict:
+        """Kill at a random point of the work: after a random number of its units, plus a random
+        part of a unit (a save or a shard write in flight)."""
         self.ensure(kind)
         where = self._fresh(kind, f'trial-{kind}-{n}')
-        argv, begun = _command(kind, self.root, where)
-        seen, total = self.timing[kind]
-        kill_after = float(self.rng.uniform(0.0, 0.9 * (total - seen)))
-        _, _, code = _run(argv, begun, kill_after)
+        argv, progress, units = _command(kind, self.root, where)
+        if progress is None:  # a warm compilation cache makes the rerun faster than the reference
+            at, delay = float(self.rng.uniform(0.1, 0.6)) * self.timing[kind], 0.0
+        else:  # a step or a shard takes a few tenths of a second here
+            at, delay = int(self.rng.integers(1, units)), float(self.rng.uniform(0, 0.3))
+        _, code = _run(argv, progress, at, delay)
         _run(argv)  # the same command again: resumes, or starts over where nothing is kept
         same = _result(kind, where) == self.reference[kind]
-        return {'kind': kind, 'killed_after_s': round(kill_after, 2), 'killed': code != 0, 'same': same}
+        return {'kind': kind, 'killed_at': round(at, 2), 'then_s': round(delay, 2), 'killed': code != 0,
+                'same': same}
 
 
 @pytest.fixture(scope='module')
