@@ -222,13 +222,16 @@ def restore(directory: str | pathlib.Path, target_params, step: int | None = Non
         reader.close()
     restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape,
                                                                  dtype=x.dtype), target_params)
+    checkpointer = ocp.PyTreeCheckpointer()
     try:
-        restored = ocp.PyTreeCheckpointer().restore(
+        restored = checkpointer.restore(
             directory / str(step) / 'state',
             args=ocp.args.PyTreeRestore(item={'params': target_params}, restore_args={'params': restore_args},
                                         partial_restore=True))
     except _READ_ERRORS as e:
         raise DamagedCheckpoint(f'{read_damage(step, e)}; {_other_steps(directory, step)}') from None
+    finally:
+        checkpointer.close()
     return restored['params']
 
 
