@@ -4,7 +4,7 @@ captions and captions written for pictures, on the Shapes world, judged exactly.
 ``get_config(arg)`` presets and their launch commands:
 
   default  what `make demo` runs: 32x32 scenes of 1-3 objects, two (shape, colour) pairs held
-           out of training; about ten minutes on a 2-core CPU.
+           out of training; about 16 minutes on a quiet 2-core CPU.
            cm3jax quickstart --config=configs/quickstart.py
   tiny     the same stages at toy size (a minute or two), for tests and a first look.
            cm3jax quickstart --config=configs/quickstart.py:tiny --config.out=/tmp/qs
@@ -53,11 +53,13 @@ def get_config(arg: str = 'default') -> ConfigDict:
     config.lm = lm_configs.get_config('tiny')
     config.lm.model.update(num_layers=2, d_model=64 if tiny else 128, num_heads=4, mlp_dim=256 if tiny else 512,
                            max_len=192)
+    if not tiny:  # RoPE and a 0.02 init, not CM3leon's learned positions at std 2e-4 (docs/quickstart.md, "Why")
+        config.lm.model.update(position='rope', init_std=0.02)
     config.lm.train.update(steps=300 if tiny else 700, batch=32 if tiny else 64, seq_len=96,
                            eval_every=300 if tiny else 350, checkpoint_every=150 if tiny else 350, log_every=10)
     config.lm.optim.update(learning_rate=3e-3 if tiny else 2e-3, warmup_steps=10 if tiny else 100,
                            final_lr_fraction=0.0)
-    config.lm.data.update(caption_dropout=0.15, cm3_rate=0.5, retrieved='0', text_first=0.5)
+    config.lm.data.update(caption_dropout=0.15, cm3_rate=0.5 if tiny else 0.2, retrieved='0', text_first=0.5)
     # Stages 6-8: sampling, captioning and judging.
     config.sample = ConfigDict({
         'prompts': 16 if tiny else 256,      # captions per measured set (each accuracy's sample size)

@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 ONE_DEVICE = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # a user's laptop, not conftest's 8
 ONE_DEVICE['PYTHONPATH'] = os.pathsep.join([str(REPO), os.environ.get('PYTHONPATH', '')])
@@ -88,46 +89,4 @@ def lm_params(workdir, config, step=None):
     return jax.device_get(params_lib.restore(workdir, target, step)), target
 
 
-def vq_params(cfg, size: int, seed: int = 0):
-    """Random params of a VQGAN ``cfg`` for ``size`` px images, filled from numpy on the shapes
-    ``eval_shape`` gives (XLA:CPU takes over half a minute to compile the VQGAN's init):
-    norm scales 1, biases 0, kernels N(0, 1/fan_in), the codebook U(-1/K, 1/K) as in taming."""
-    import jax
-    import jax.numpy as jnp
-    from cm3jax.vq import model as vq
-    shapes = jax.eval_shape(lambda k: vq.VQGAN(cfg).init(k, jnp.zeros((1, size, size, cfg.in_channels))),
-                            jax.random.key(0))['params']
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = str(getattr(path[-1], 'key', path[-1]))
-        if name == 'scale':
-            return np.ones(leaf.shape, leaf.dtype)
-        if name == 'bias':
-            return np.zeros(leaf.shape, leaf.dtype)
-        if name == 'embedding':
-            return rng.uniform(-1 / cfg.num_codes, 1 / cfg.num_codes, leaf.shape).astype(leaf.dtype)
-        fan_in = int(np.prod(leaf.shape[:-1])) or 1
-        return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(leaf.dtype)
-    return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
-def tokenizer_workdir(path):
-    """What `cm3jax train-tokenizer` leaves behind, with random weights (`test_data_end_to_end`'s
-    tokenizer config, with `vq_params`)."""
-    import json
-    import jax
-    import jax.numpy as jnp
-    from cm3jax.train import checkpoint
-    from cm3jax.vq import model as vq
-    from tests.test_data_end_to_end import VQ
-    path = pathlib.Path(path)
-    path.mkdir()
-    (path / 'config.json').write_text(json.dumps({'model': VQ}))
-    cfg = vq.VQConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in VQ.items()})
-    params = vq_params(cfg, 32)
-    ckpt = checkpoint.Checkpointer(path / 'checkpoints', use_async=False)
-    ckpt.save(1, {'step': jnp.int32(1), 'params': {'vq': jax.tree.map(jnp.asarray, params)}}, data_state={'index': 0})
-    ckpt.close()
-    return params, cfg
 

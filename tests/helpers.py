@@ -83,3 +83,49 @@ def torch_fidelity_inception():
         package.__path__ = list(spec.submodule_search_locations)
         sys.modules['torch_fidelity'] = package
         return importlib.import_module('torch_fidelity.feature_extractor_inceptionv3')
+
+
+# What `cm3jax train-tokenizer` writes in config.json for the tests' 32 px random tokenizer.
+VQ32 = {'resolution': 32, 'in_channels': 3, 'out_channels': 3, 'ch': 32, 'ch_mult': [1, 2, 2], 'num_res_blocks': 1,
+        'attn_resolutions': [], 'z_channels': 16, 'embed_dim': 8, 'num_codes': 64}
+
+
+def random_vq_params(cfg, size: int, seed: int = 0):
+    """Random params of a VQGAN ``cfg`` for ``size`` px images, filled from numpy on the shapes
+    ``eval_shape`` gives (XLA:CPU takes over half a minute to compile the VQGAN's init):
+    norm scales 1, biases 0, kernels N(0, 1/fan_in), the codebook U(-1/K, 1/K) as in taming."""
+    import numpy as np
+    from cm3jax.vq import model as vq
+    shapes = jax.eval_shape(lambda k: vq.VQGAN(cfg).init(k, jnp.zeros((1, size, size, cfg.in_channels))),
+                            jax.random.key(0))['params']
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = str(getattr(path[-1], 'key', path[-1]))
+        if name == 'scale':
+            return np.ones(leaf.shape, leaf.dtype)
+        if name == 'bias':
+            return np.zeros(leaf.shape, leaf.dtype)
+        if name == 'embedding':
+            return rng.uniform(-1 / cfg.num_codes, 1 / cfg.num_codes, leaf.shape).astype(leaf.dtype)
+        fan_in = int(np.prod(leaf.shape[:-1])) or 1
+        return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(leaf.dtype)
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def random_tokenizer_workdir(path, model: dict = VQ32):
+    """What `cm3jax train-tokenizer` leaves behind, with random weights: config.json + a
+    checkpoint of `random_vq_params`. Returns (params, VQConfig)."""
+    import json
+    import pathlib
+    from cm3jax.train import checkpoint
+    from cm3jax.vq import model as vq
+    path = pathlib.Path(path)
+    path.mkdir()
+    (path / 'config.json').write_text(json.dumps({'model': model}))
+    cfg = vq.VQConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in model.items()})
+    params = random_vq_params(cfg, cfg.resolution)
+    ckpt = checkpoint.Checkpointer(path / 'checkpoints', use_async=False)
+    ckpt.save(1, {'step': jnp.int32(1), 'params': {'vq': jax.tree.map(jnp.asarray, params)}}, data_state={'index': 0})
+    ckpt.close()
+    return params, cfg

@@ -13,6 +13,7 @@ from cm3jax.data import documents, images, pipeline, prepare, sources
 from cm3jax.errors import ConfigError, DataError
 from cm3jax.vocab import Vocab
 from tests import damage
+from tests.helpers import random_vq_params
 from tests.test_pipeline import VQ, WORDS, make_docs
 
 SHARDS = [f'shard-{i:05d}.array_record' for i in range(4)]
@@ -24,7 +25,7 @@ def prepared(tmp_path_factory):
     out = tmp_path_factory.mktemp('prepared')
     tok = text_tokenizer.train_bpe([' '.join(WORDS)] * 20, vocab_size=280)
     vocab = Vocab.build(num_text=tok.num_text, num_image_codes=VQ.num_codes)
-    params = damage.vq_params(VQ, 8)
+    params = random_vq_params(VQ, 8)
     prepare.prepare(make_docs(400), out, vocab=vocab, text_tokenizer=tok, vq_params=params, vq_cfg=VQ,
                     cfg=prepare.PrepareConfig(shard_size=100, batch=64, progress=False))
     return out, vocab, tok, params

@@ -16,6 +16,7 @@ from cm3jax.params import CheckpointMismatch, WeightMismatch
 from cm3jax.parallel import MeshError
 from cm3jax.train.step import NonFiniteError
 from tests import damage
+from tests.helpers import random_tokenizer_workdir
 
 pytestmark = pytest.mark.xdist_group('bad_input')
 SHARDS = [f'shard-{i:05d}.array_record' for i in range(4)]
@@ -51,7 +52,7 @@ def world(tmp_path_factory):
     copy of them, and the LM trained on that copy for 9 steps (batch 16, one document per row at
     seq_len 16: past one epoch)."""
     root = tmp_path_factory.mktemp('world')
-    damage.tokenizer_workdir(root / 'vq')
+    random_tokenizer_workdir(root / 'vq')
     done = damage.cli(*PREPARE, f'--config.vq_workdir={root / "vq"}', f'--config.out={root / "data"}')
     assert done.returncode == 0, done.stderr[-3000:]
     vocab_size = int(re.search(r'model.vocab_size=(\d+)', done.stdout + done.stderr).group(1))

@@ -10,7 +10,7 @@ from cm3jax import parallel
 from cm3jax.data import augment, documents, neighbours, pipeline, prepare
 from cm3jax.retrieval import build, clip, index, inference, load, select
 from configs import clip as clip_configs, data as data_configs
-from tests.test_data_end_to_end import random_tokenizer_workdir
+from tests.helpers import random_tokenizer_workdir
 
 # One worker runs this module and builds the fixture once: session scope, because xdist tore a
 # module-scoped one down between these tests and built it again.

@@ -6,32 +6,15 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
 from cm3jax import trainers
 from cm3jax.data import pipeline, prepare
-from cm3jax.train import checkpoint
 from cm3jax.vocab import Vocab
-from cm3jax.vq import load, model as vq
+from cm3jax.vq import load
 from configs import data as data_configs
-from tests.helpers import tiny_config
-
-VQ = {'resolution': 32, 'in_channels': 3, 'out_channels': 3, 'ch': 32, 'ch_mult': [1, 2, 2], 'num_res_blocks': 1,
-      'attn_resolutions': [], 'z_channels': 16, 'embed_dim': 8, 'num_codes': 64}
-
-
-def random_tokenizer_workdir(path):
-    """What `cm3jax train-tokenizer` leaves behind, with random weights: config.json + a checkpoint."""
-    path.mkdir()
-    (path / 'config.json').write_text(json.dumps({'model': VQ}))
-    cfg = vq.VQConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in VQ.items()})
-    params = vq.VQGAN(cfg).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']
-    ckpt = checkpoint.Checkpointer(path / 'checkpoints', use_async=False)
-    ckpt.save(1, {'step': jnp.int32(1), 'params': {'vq': params}}, data_state={'index': 0})
-    ckpt.close()
-    return params, cfg
+from tests.helpers import random_tokenizer_workdir, tiny_config
 
 
 def test_shapes_prepare_pipeline_and_fifty_train_steps(tmp_path):

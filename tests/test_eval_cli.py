@@ -11,35 +11,16 @@ import sys
 import numpy as np
 import pytest
 
-import jax
-import jax.numpy as jnp
-
 from cm3jax import trainers
 from cm3jax.data import prepare
-from cm3jax.train import checkpoint
-from cm3jax.vq import model as vq
 from configs import data as data_configs
-from tests.helpers import hf_clip_dir, tiny_config
+from tests.helpers import hf_clip_dir, random_tokenizer_workdir, tiny_config
 
 # A 16-pixel world of up to two objects (small radii make room), and a tokenizer of 4x4 codes for it.
 WORLD = {'canvas': 16, 'max_objects': 2, 'sizes': [['small', 2], ['large', 3]]}
 VQ = {'resolution': 16, 'ch': 32, 'ch_mult': [1, 2, 2], 'num_res_blocks': 1, 'attn_resolutions': [],
       'z_channels': 8, 'embed_dim': 4, 'num_codes': 32}
 ONE_DEVICE = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # the command compiles for one device
-
-
-def _tokenizer_workdir(path):
-    """What `cm3jax train-tokenizer` leaves behind, with random weights drawn from the shapes
-    (compiling VQGAN.init takes half a minute on this CPU)."""
-    path.mkdir()
-    (path / 'config.json').write_text(json.dumps({'model': VQ}))
-    cfg = vq.VQConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in VQ.items()})
-    rng = np.random.default_rng(0)
-    shapes_of = jax.eval_shape(vq.VQGAN(cfg).init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))['params']
-    params = jax.tree.map(lambda x: jnp.asarray(0.1 * rng.normal(size=x.shape), x.dtype), shapes_of)
-    ckpt = checkpoint.Checkpointer(path / 'checkpoints', use_async=False)
-    ckpt.save(1, {'step': jnp.int32(1), 'params': {'vq': params}}, data_state={'index': 0})
-    ckpt.close()
 
 
 def _clip_dir(path):
@@ -62,7 +43,7 @@ def test_eval_runs_on_a_tiny_trained_workdir_and_refuses_a_missing_inception(tmp
     assert 'Traceback' not in refused.stderr
     assert f'{missing} are missing' in refused.stderr and 'pytorch-fid/releases/download' in refused.stderr
 
-    _tokenizer_workdir(tmp_path / 'vq')
+    random_tokenizer_workdir(tmp_path / 'vq', VQ)
     data = data_configs.get_config('shapes')
     data.source.update(count=48, cfg=WORLD)
     data.out, data.vq_workdir = str(tmp_path / 'data'), str(tmp_path / 'vq')

@@ -4,14 +4,13 @@ read a round trip right."""
 
 import dataclasses
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from cm3jax.data.worlds import shapes as world
 from cm3jax.eval import fid, shapes
 from cm3jax.vq import model as vq
+from tests.helpers import random_vq_params
 
 CFG = world.ShapesConfig(canvas=32, min_objects=1, max_objects=3)
 
@@ -84,10 +83,7 @@ def test_a_world_of_one_object_leaves_the_others_out():
 def test_tokenizer_metrics():
     small = world.ShapesConfig(canvas=16, max_objects=1)
     cfg = vq.VQConfig(resolution=16, ch=32, ch_mult=(1, 2), z_channels=8, embed_dim=4, num_codes=16)
-    # random weights straight from the shapes: compiling VQGAN.init takes half a minute on this CPU
-    rng = np.random.default_rng(0)
-    shapes_of = jax.eval_shape(vq.VQGAN(cfg).init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))['params']
-    params = jax.tree.map(lambda x: (0.1 * rng.normal(size=x.shape)).astype(x.dtype), shapes_of)
+    params = random_vq_params(cfg, 16)
     todo = shapes.items(small, 4)
     images = shapes.ground_truth(todo)
     ext = fid.callable_extractor(lambda x: x.reshape(len(x), -1, 3).mean(1), 'mean-colour')

@@ -9,7 +9,7 @@ from cm3jax import text_tokenizer
 from cm3jax.sample import decode as dec, generate
 from cm3jax.vocab import Vocab
 from cm3jax.vq import model as vq
-from tests.helpers import build, tiny_config
+from tests.helpers import build, random_vq_params, tiny_config
 
 VQ = vq.VQConfig(resolution=8, ch=32, ch_mult=(1, 2), z_channels=8, embed_dim=4, num_codes=16)  # 4x4 codes
 
@@ -20,7 +20,7 @@ def gen():
     vocab = Vocab.build(tok.num_text, VQ.num_codes, num_sentinels=4)
     model, params, *_ = build(tiny_config(vocab_size=vocab.size))
     params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(3), x.shape, x.dtype), params)
-    vq_params = vq.VQGAN(VQ).init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))['params']
+    vq_params = random_vq_params(VQ, 8)
     return generate.Generator(model, params, vocab, tok, vq_params, VQ)
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 
 from tests import damage
+from tests.helpers import random_tokenizer_workdir
 
 pytestmark = pytest.mark.xdist_group('kill_trials')
 KINDS = ('saving', 'preparing', 'index')
@@ -43,6 +44,7 @@ from cm3jax import parallel
 from cm3jax.data import prepare
 from cm3jax.retrieval import build, clip, load, select
 from configs import clip as clip_configs
+from tests.helpers import random_tokenizer_workdir
 _, _, tok, _, _ = prepare.load_tokenizers(sys.argv[1])
 model = clip_configs.get_config('tiny').model
 model.max_len = 24
@@ -121,7 +123,7 @@ class Trials:
 
     def __init__(self, root: pathlib.Path, seed: int = 0):
         self.root, self.rng = root, np.random.default_rng(seed)
-        damage.tokenizer_workdir(root / 'vq')
+        random_tokenizer_workdir(root / 'vq')
         self.reference, self.timing = {}, {}
 
     def _fresh(self, kind: str, name: str) -> pathlib.Path:

@@ -2,7 +2,6 @@
 
 import json
 
-import jax
 import numpy as np
 import pytest
 
@@ -10,6 +9,7 @@ from cm3jax import text_tokenizer
 from cm3jax.data import cm3, documents, pipeline, prepare
 from cm3jax.vocab import Vocab
 from cm3jax.vq import model as vq
+from tests.helpers import random_vq_params
 
 VQ = vq.VQConfig(resolution=8, ch=32, ch_mult=(1, 2), z_channels=8, embed_dim=4, num_codes=16)
 WORDS = ['red', 'green', 'blue', 'circle', 'square', 'left', 'of', 'a', 'the', 'above']
@@ -31,7 +31,7 @@ def prepared(tmp_path_factory):
     out = tmp_path_factory.mktemp('prepared')
     tok = text_tokenizer.train_bpe([' '.join(WORDS)] * 20, vocab_size=280)
     vocab = Vocab.build(num_text=tok.num_text, num_image_codes=VQ.num_codes)
-    params = vq.VQGAN(VQ).init(jax.random.key(0), np.zeros((1, 8, 8, 3), np.float32))['params']
+    params = random_vq_params(VQ, 8)  # from numpy: compiling VQGAN.init costs half a minute
     manifest = prepare.prepare(make_docs(40), out, vocab=vocab, text_tokenizer=tok, vq_params=params, vq_cfg=VQ,
                                cfg=prepare.PrepareConfig(shard_size=10, batch=4, progress=False))
     return out, vocab, tok, params, manifest

@@ -1,14 +1,13 @@
 """Retrieval-augmented training rows: K retrieved documents, each ending in <eos>, before the
 CM3-transformed query, read from neighbour lists next to the shards."""
 
-import jax
 import numpy as np
 import pytest
 
 from cm3jax import text_tokenizer
 from cm3jax.data import augment, cm3, documents, neighbours, pipeline, prepare
 from cm3jax.vocab import Vocab
-from cm3jax.vq import model as vq
+from tests.helpers import random_vq_params
 from tests.test_pipeline import VQ, WORDS, make_docs
 
 N = 30
@@ -19,7 +18,7 @@ def data(tmp_path_factory):
     out = tmp_path_factory.mktemp('ra')
     tok = text_tokenizer.train_bpe([' '.join(WORDS)] * 20, vocab_size=280)
     vocab = Vocab.build(num_text=tok.num_text, num_image_codes=VQ.num_codes)
-    params = vq.VQGAN(VQ).init(jax.random.key(0), np.zeros((1, 8, 8, 3), np.float32))['params']
+    params = random_vq_params(VQ, 8)
     prepare.prepare(make_docs(N), out, vocab=vocab, text_tokenizer=tok, vq_params=params, vq_cfg=VQ,
                     cfg=prepare.PrepareConfig(shard_size=8, batch=4, progress=False))
     ids = np.arange(N)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cm3jax.vq import model as vq
+from tests.helpers import random_vq_params
 
 CFG = vq.VQConfig(resolution=16, ch=32, ch_mult=(1, 2), z_channels=16, embed_dim=8, num_codes=32,
                   attn_resolutions=(8,))
@@ -17,7 +18,7 @@ CFG = vq.VQConfig(resolution=16, ch=32, ch_mult=(1, 2), z_channels=16, embed_dim
 
 @pytest.fixture(scope='module')
 def params():
-    return jax.jit(vq.VQGAN(CFG).init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))['params']
+    return random_vq_params(CFG, 16)  # from numpy: compiling VQGAN.init costs half a minute
 
 
 def test_encode_decode_shapes_for_any_batch(params):
