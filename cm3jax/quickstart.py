@@ -30,6 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cm3jax.data.worlds import shapes
+from cm3jax.eval.stats import rate
 
 STAGES = ('bpe', 'tokenizer', 'prepare', 'retriever', 'index', 'lm', 'text_to_image', 'captions', 'judge')
 
@@ -272,13 +273,6 @@ def captions(config, out: pathlib.Path) -> dict:
     record = [{'true': d.texts[0], 'generated': g} for d, g in zip(docs, written)]
     (out / 'captions.json').write_text(json.dumps(record, indent=1))
     return {'file': str(out / 'captions.json')}
-
-
-def rate(hits) -> dict:
-    """A proportion with its binomial standard error and count."""
-    hits = np.asarray(hits, np.float64)
-    p = float(hits.mean()) if len(hits) else float('nan')
-    return {'value': p, 'se': float(np.sqrt(p * (1 - p) / max(len(hits), 1))), 'n': int(len(hits))}
 
 
 def judge_drawn(images: np.ndarray, captions, cfg: shapes.ShapesConfig, desc: str = 'judge') -> dict:

@@ -55,6 +55,7 @@ def measure(args, config, out: pathlib.Path, todo: list[tuple[float, float, str]
     import flax.linen as nn
     import jax
     from cm3jax import quickstart
+    from cm3jax.eval.stats import rate
     from cm3jax.retrieval import load as retrieval_load
     from cm3jax.sample import load
     gen, mesh, rules = load.load_generator(out / 'lm')
@@ -71,9 +72,9 @@ def measure(args, config, out: pathlib.Path, todo: list[tuple[float, float, str]
         exact = quickstart.judge_drawn(images, captions, quickstart.world(config))['exact']
         done[key(cfg, temperature, mode)] = {
             'cfg': cfg, 'temperature': temperature, 'mode': mode,
-            'single': quickstart.rate(exact[:, 0]),
-            'reranked': quickstart.rate(exact[np.arange(len(exact)), best]),
-            'any': quickstart.rate(exact.max(1)),
+            'single': rate(exact[:, 0]),
+            'reranked': rate(exact[np.arange(len(exact)), best]),
+            'any': rate(exact.max(1)),
             'seconds': time.perf_counter() - begin}
         save()
         r = done[key(cfg, temperature, mode)]

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from cm3jax import quickstart
+from cm3jax.eval.stats import rate
 from configs import quickstart as qs_configs
 
 ONE_DEVICE = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
@@ -134,6 +135,6 @@ def test_a_bad_world_is_refused_before_any_stage(tmp_path, fields, message):
 
 
 def test_rates_carry_their_standard_error():
-    r = quickstart.rate([1, 1, 0, 0])
+    r = rate([1, 1, 0, 0])
     assert r == {'value': 0.5, 'se': pytest.approx(0.25), 'n': 4}
-    assert np.isclose(quickstart.rate(np.ones(9))['se'], 0.0)
+    assert np.isclose(rate(np.ones(9))['se'], 0.0)

@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from cm3jax.data.worlds import shapes, shapes_judge
-from cm3jax.quickstart import rate
+from cm3jax.eval.stats import rate
 
 CATEGORIES = ('single_object', 'two_objects', 'counting', 'colours', 'position', 'colour_binding')
 _OBJECTS = {'single_object': 1, 'two_objects': 2, 'counting': None, 'colours': 1, 'position': 2, 'colour_binding': 2}
