@@ -46,9 +46,9 @@ def attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions) -> 
     return (same & causal)[:, None]
 
 
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *,
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
                   causal_block: int = 0) -> jax.Array:
-    """q: [B, T, H, D], k/v: [B, S, KV, D], mask: Bool[B, 1, T, S] or None (attend to all) -> [B, T, H, D].
+    """q: [B, T, H, D], k/v: [B, S, KV, D], mask: Bool[B, 1, T, S] -> [B, T, H, D].
 
     Logits and softmax in float32. A fully masked row (a padding query) gets a uniform
     distribution instead of NaN; its output is never used.
@@ -60,7 +60,7 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
     the same.
     """
     t = q.shape[1]
-    if mask is None or not causal_block or t != k.shape[1] or t % causal_block or t <= causal_block:
+    if not causal_block or t != k.shape[1] or t % causal_block or t <= causal_block:
         return _attend(q, k, v, mask)
     blocks = [_attend(q[:, i:i + causal_block], k[:, :i + causal_block], v[:, :i + causal_block],
                       mask[:, :, i:i + causal_block, :i + causal_block]) for i in range(0, t, causal_block)]
@@ -72,8 +72,7 @@ def _attend(q, k, v, mask):
     kv_heads = k.shape[2]
     q = (q * d**-0.5).reshape(b, t, kv_heads, h // kv_heads, d)
     logits = jnp.einsum('btkgd,bskd->bkgts', q, k, preferred_element_type=jnp.float32)
-    if mask is not None:  # None: every query sees every key (no select to run, forward or backward)
-        logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum('bkgts,bskd->btkgd', probs, v)
     return out.reshape(b, t, h, d)

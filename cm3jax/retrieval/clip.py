@@ -190,10 +190,9 @@ class VisionTower(nn.Module):
         x = x + positions.astype(cfg.dtype)
         x = nn.with_logical_constraint(x, ('act_batch', 'act_len', 'act_embed'))
         x = layer_norm(cfg.norm_eps, 'pre_norm')(x)
-        # no mask: every patch sees every patch (a broadcast all-True mask costs XLA:CPU a select
-        # over the whole [B, H, T, T] logits, forward and backward: half the tower's time)
+        everything = jnp.ones((1, 1, 1, 1), bool)
         x = Encoder(cfg.vision_layers, cfg.vision_heads, cfg.vision_mlp_dim, cfg.activation, cfg.norm_eps,
-                    cfg.dtype, name='encoder')(x, None)
+                    cfg.dtype, name='encoder')(x, everything)
         pooled = layer_norm(cfg.norm_eps, 'post_norm')(x[:, 0])
         proj = param(self, 'projection', normal(w**-0.5), (w, cfg.projection_dim),
                      ('embed', None), jnp.float32)

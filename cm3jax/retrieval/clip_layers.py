@@ -57,8 +57,8 @@ class SelfAttention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-        """x: Float[B, T, W]; mask: Bool[B or 1, 1, T, T] (True = may attend), or None (all) -> Float[B, T, W]."""
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        """x: Float[B, T, W]; mask: Bool[B or 1, 1, T, T] (True = may attend) -> Float[B, T, W]."""
         w, h = x.shape[-1], self.heads
         d = w // h
         dt = self.dtype
@@ -106,7 +106,7 @@ class Block(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None):
+    def __call__(self, x: jax.Array, mask: jax.Array):
         x = x + SelfAttention(self.heads, self.dtype, name='attn')(layer_norm(self.eps, 'attn_norm')(x), mask)
         x = x + Mlp(self.mlp_dim, self.act, self.dtype, name='mlp')(layer_norm(self.eps, 'mlp_norm')(x))
         return nn.with_logical_constraint(x, ('act_batch', 'act_len', 'act_embed')), None
@@ -124,8 +124,8 @@ class Encoder(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-        """x: Float[B, T, W]; mask: Bool[B or 1, 1, T, T], or None (all see all) -> Float[B, T, W]."""
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        """x: Float[B, T, W]; mask: Bool[B or 1, 1, T, T] -> Float[B, T, W]."""
         stack = nn.scan(Block, variable_axes={'params': 0}, split_rngs={'params': True},
                         in_axes=(nn.broadcast,), length=self.layers,
                         metadata_params={nn.PARTITION_NAME: 'layers'})
