@@ -1,6 +1,7 @@
 """Every test sees 8 simulated CPU devices, so sharded code runs on a (2, 2, 2) mesh."""
 
 import os
+import shutil
 import sys
 import tempfile
 
@@ -11,6 +12,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # many tests compile the same programs (a trainer run three times to test resuming, say), and on
 # two cores compiling is much of the suite's time. Programs are cached only when their compile
 # takes over a second; a cached executable is the same program, so results do not change.
+_OWN_CACHE = 'JAX_COMPILATION_CACHE_DIR' not in os.environ  # named here, so removed at the end (below)
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
     tempfile.gettempdir(), f'cm3jax-test-cache-{os.environ.get("PYTEST_XDIST_TESTRUNUID", os.getpid())}'))
 
@@ -29,6 +31,13 @@ FIRST = ('test_tiny_tokenizer_reaches_30db', 'test_tiny_retriever_learns')
 
 def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: not any(name in item.name for name in FIRST))
+
+
+def pytest_sessionfinish(session):
+    # the controlling process (not an xdist worker, whose env already names the cache) removes the
+    # cache it named: it lasts one run, and runs do not pile up in the temp dir
+    if _OWN_CACHE and not hasattr(session.config, 'workerinput'):
+        shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 
 
 @pytest.fixture(scope='session')
