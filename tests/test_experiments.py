@@ -11,13 +11,17 @@ import pytest
 from PIL import Image
 
 
-@pytest.fixture(scope='module')
-def ablation(repo):
-    spec = importlib.util.spec_from_file_location('retrieval_ablation', os.path.join(repo, 'experiments',
-                                                                                     'retrieval_ablation.py'))
+def _experiment(repo, name):
+    """experiments/NAME.py as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(repo, 'experiments', f'{name}.py'))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope='module')
+def ablation(repo):
+    return _experiment(repo, 'retrieval_ablation')
 
 
 def test_arguments_are_checked(ablation):
@@ -68,11 +72,7 @@ def test_a_stopped_trainer_is_not_marked_done(ablation, tmp_path, monkeypatch):
 
 @pytest.fixture(scope='module')
 def sweep(repo):
-    spec = importlib.util.spec_from_file_location('quickstart_sweep', os.path.join(repo, 'experiments',
-                                                                                   'quickstart_sweep.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _experiment(repo, 'quickstart_sweep')
 
 
 def test_the_sampling_sweep_checks_arguments_and_tables_every_setting(sweep, tmp_path):

@@ -21,7 +21,7 @@ LAYERS = [
     (2, 'text_tokenizer', ('text_tokenizer',)),
     (2.5, 'lm_config', ('lm.config',)),
     (3, 'readers', ('data.worlds', 'data.sources', 'data.documents', 'data.cm3', 'data.synthetic', 'data.batches',
-                    'data.images', 'data.shards')),
+                    'data.images', 'data.shards', 'data.archives')),
     (4, 'vq', ('vq',)),
     (5, 'token_data', ('data.prepare', 'data.pipeline', 'data.augment', 'data.neighbours')),
     (6, 'retrieval', ('retrieval',)),

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from cm3jax.data import sources
-from cm3jax.data.sources import (digits_source, folder_source, make_source, shapes_source, tfds_source,
-                                 webdataset_source)
+from cm3jax.data.archives import tfds_source, webdataset_source
+from cm3jax.data.sources import digits_source, folder_source, make_source, shapes_source
 
 
 def png_bytes(color, size=(12, 8)) -> bytes:

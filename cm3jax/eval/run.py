@@ -236,9 +236,9 @@ def _coco_pairs(opts: EvalOptions, resolution: int) -> tuple[list[str], Any, str
     images drawn by ``seed``, one of their captions each."""
     num = opts.num or DEFAULT_NUM['coco']
     if opts.images.startswith('tfds:'):
-        from cm3jax.data import sources
+        from cm3jax.data import archives
         name, _, split = opts.images[len('tfds:'):].partition(':')
-        src = sources.TfdsSource(name, split or 'validation', caption_key='captions.text', resize=resolution)
+        src = archives.TfdsSource(name, split or 'validation', caption_key='captions.text', resize=resolution)
         docs = [d for _, d in zip(range(num), src)]
         return [d.texts[0] for d in docs], lambda: fid.batches(np.stack([d.images[0] for d in docs])), \
             f'{opts.images} first {len(docs)} at {resolution}'
