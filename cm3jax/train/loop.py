@@ -4,7 +4,9 @@ Generic: it takes a jitted step, a data iterator and hooks, and knows no model. 
 waited for before the next is dispatched. The NaN guard needs the step's metrics on the host
 anyway, and with simulated CPU devices two collective programs in flight at once can starve
 XLA's in-process rendezvous and abort. On accelerators the wait costs only the dispatch
-latency, which is small next to a real step.
+latency, which is small next to a real step. What does overlap is the host's work: the next
+batch is read while the device runs the current step, so a data pipeline in Python costs
+nothing as long as it is faster than the step.
 """
 
 from __future__ import annotations
@@ -130,10 +132,13 @@ def train(*, state, train_step, data: DataIterator, num_steps: int, rng: jax.Arr
         train_seconds = 0.0
         for step in range(start + 1, num_steps + 1):
             begin = time.perf_counter()
-            if step > start + 1:
-                batch = next(data)
             with jax.profiler.StepTraceAnnotation(desc, step_num=step):
                 state, metrics = compiled(state, batch, jax.random.fold_in(rng, step))
+                # Dispatch is asynchronous: read the next batch while the step runs. A save after
+                # this step records the position before that read, so a resume gets it again.
+                position = data.get_state()
+                if step < num_steps:
+                    batch = next(data)
                 metrics = jax.device_get(metrics)
             train_seconds += time.perf_counter() - begin
             if not (metrics['finite/loss'] and metrics['finite/grads']):
@@ -145,7 +150,7 @@ def train(*, state, train_step, data: DataIterator, num_steps: int, rng: jax.Arr
             stop, time_due = _agree(preemption.requested_here(), bool(checkpointer and checkpointer.due_by_time()))
             if stop:
                 if checkpointer:
-                    checkpointer.save(step, state, data.get_state())
+                    checkpointer.save(step, state, position)
                 log.warning('SIGTERM: saved step %d and stopped; run the same command to resume', step)
                 break
             info = StepInfo(step, state, metrics, train_seconds, last)
@@ -153,7 +158,7 @@ def train(*, state, train_step, data: DataIterator, num_steps: int, rng: jax.Arr
                 if hook.due(step, last):
                     hook.fn(info)
             if checkpointer and (last or time_due or checkpointer.due_by_step(step)):
-                checkpointer.save(step, state, data.get_state())
+                checkpointer.save(step, state, position)
 
             bar.update(1)
             postfix = {'loss': f"{float(metrics['loss']):.3f}"}
