@@ -100,7 +100,12 @@ def layout(segments: list[np.ndarray], is_image: list[bool], vocab, rng: np.rand
 
 def join(segments: list[np.ndarray], is_image: list[bool], vocab) -> np.ndarray:
     """Segments in the given order with ``<break>`` wherever an image starts or ends, also
-    between two images (no ``<eos>``)."""
+    between two images (no ``<eos>``). Where the vocab closes images with a token of their own
+    (Chameleon: ``<racm3:break>`` image ``<eoss>``), every image is wrapped in the two."""
+    if vocab.end_image != vocab.break_:
+        out = [np.concatenate([[vocab.break_], s, [vocab.end_image]]) if img else s
+               for s, img in zip(segments, is_image)]
+        return np.concatenate([np.asarray(s, np.int32) for s in out]).astype(np.int32)
     out = [np.asarray(segments[0], np.int32)]
     for prev, seg, img in zip(is_image, segments[1:], is_image[1:]):
         if img or prev:
