@@ -2,7 +2,6 @@
 ``IMGIMG...`` names, images wrapped in ``<racm3:break>`` .. ``<eoss>``), and the decoder's image
 state machine on that layout."""
 
-import jax
 import numpy as np
 import pytest
 
@@ -11,7 +10,6 @@ from cm3jax.sample import decode as dec
 from cm3jax.text_tokenizer import TextTokenizer, TokenizerTooLargeError
 from cm3jax.vocab import Vocab
 from tests import chameleon_refs
-from tests.helpers import build, tiny_config
 
 
 @pytest.fixture(scope='module')
@@ -79,24 +77,17 @@ def test_images_are_wrapped_in_begin_and_end():
                                   [20, 21, 3, *i, 3, *i, 3, 20, 21])
 
 
-def test_decoder_ends_a_chameleon_image_with_eoss():
-    """Greedy decoding from ``text <racm3:break>``: exactly H*W image codes, then the forced
-    ``<eoss>``, then text again (the row does not read <eoss> as another begin)."""
+def test_image_state_of_chameleon_prompts():
+    """``... <racm3:break>`` owes a whole image; a prompt ending on a finished image owes its
+    ``<eoss>``. (Decoding a whole image span against transformers: tests/test_convert_chameleon.py.)"""
     v = Vocab.chameleon(vocabulary_map=chameleon_refs.tokenizer(97, 32, num_text=50).get_vocab())
     hw = 4
-    model, params, *_ = build(tiny_config('chameleon', vocab_size=v.size))
-    params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape, x.dtype), params)
     prompt = np.array([[v.bos, 90, 91, v.break_]], np.int32)
-    segs = np.ones_like(prompt)
-    remaining, pending = dec.initial_image_state(prompt, segs, v, hw)
+    remaining, pending = dec.initial_image_state(prompt, np.ones_like(prompt), v, hw)
     assert (remaining[0], pending[0]) == (hw, False)
-    fn = dec.make_decoder(model, vocab=v, image_tokens=hw, max_new=hw + 4, sample=dec.SampleConfig(temperature=0.0))
-    out = jax.device_get(fn(params, prompt, segs, jax.random.key(0), remaining, pending))
-    row = out['tokens'][0]
-    assert v.is_image(row[:hw]).all() and row[hw] == v.end_image == v.eoss
-    rest = row[hw + 1:out['lengths'][0]]
-    assert not v.is_image(rest).any()
-    # a prompt that ends on a finished image owes its <eoss>
     done = np.concatenate([prompt[0], v.image_ids(np.arange(hw))])[None]
     remaining, pending = dec.initial_image_state(done, np.ones_like(done), v, hw)
     assert (remaining[0], pending[0]) == (0, True)
+    closed = np.concatenate([done[0], [v.end_image, v.break_]])[None]  # a second image begins
+    remaining, pending = dec.initial_image_state(closed, np.ones_like(closed), v, hw)
+    assert (remaining[0], pending[0]) == (hw, False)

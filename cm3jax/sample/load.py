@@ -1,6 +1,7 @@
 """A `Generator` from a `cm3jax train` workdir trained on prepared data: the LM's config and
 latest params, the vocab and text tokenizer its data was prepared with, and that data's image
-tokenizer (all found through ``config.json`` and the data's ``manifest.json``)."""
+tokenizer (all found through ``config.json`` and the data's ``manifest.json``); or from a
+directory `cm3jax convert chameleon` wrote, which holds all of them itself."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 from ml_collections import ConfigDict
 
 from cm3jax import params as params_lib, parallel
+from cm3jax.convert import converted
 from cm3jax.data import prepare
 from cm3jax.lm import config as lm_config
 from cm3jax.model import transformer
@@ -26,12 +28,16 @@ def load_generator(workdir: str | pathlib.Path, mesh: jax.sharding.Mesh | None =
     workdir = pathlib.Path(workdir)
     path = workdir / 'config.json'
     if not path.exists():
-        raise FileNotFoundError(f'{path} is missing: point --workdir at a `cm3jax train` run')
-    config = ConfigDict(json.loads(path.read_text()))
-    if not config.data.get('dir'):
-        raise ValueError(f'{workdir} trained on the synthetic task; sampling images needs a run on prepared '
-                         f'multimodal data (data.dir, the output of `cm3jax prepare`)')
-    _, vocab, tok, vq_params, vq_cfg = prepare.load_tokenizers(config.data.dir)
+        raise FileNotFoundError(f'{path} is missing: point --workdir at a `cm3jax train` run (or --checkpoint at '
+                                f'the output of `cm3jax convert chameleon`)')
+    if converted.is_converted(workdir):  # released weights: the tokenizers sit in the directory
+        config, vocab, tok, vq_params, vq_cfg = converted.read_converted(workdir)
+    else:
+        config = ConfigDict(json.loads(path.read_text()))
+        if not config.data.get('dir'):
+            raise ValueError(f'{workdir} trained on the synthetic task; sampling images needs a run on prepared '
+                             f'multimodal data (data.dir, the output of `cm3jax prepare`)')
+        _, vocab, tok, vq_params, vq_cfg = prepare.load_tokenizers(config.data.dir)
 
     mesh = mesh or parallel.create_mesh((1, -1, 1))
     rules = parallel.rules_from_config(config)
