@@ -11,7 +11,7 @@ Commands:
   prepare      documents -> token shards (--config=configs/data.py:shapes --config.out=DIR --config.vq_workdir=DIR)
   build-index  embed --data's documents with --retriever into a memory bank and write every document's
                neighbour list next to its shards (--queries=EVAL_DIR for held-out data, --top_m)
-  sample       from a --workdir trained on prepared data: --prompt=CAPTION draws images (--num, --cfg, --mode,
+  sample       from a --workdir trained on prepared data (or --checkpoint=DIR from `cm3jax convert`): --prompt=CAPTION draws images (--num, --cfg, --mode,
                --temperature, --top_p, --top_k, --cdk_k, --cdk_alpha; --retriever=DIR re-ranks by CLIP score,
                --retrieve=K puts K retrieved documents first), --image=PNG writes captions; --judge scores
                both with the Shapes judge
@@ -20,6 +20,11 @@ Commands:
   eval         --workdir=RUN --suite=shapes|coco|folder: generate what the suite needs (or read --images), score
                it (FID with --extractor=inception|clip|none and --inception=PTH, CLIP score with --retriever,
                CIDEr-D, the Shapes judge) and write RUN/eval/report.json and report.md (docs/eval.md)
+  convert chameleon  downloaded Chameleon / Anole weights -> one directory that sample, train --init_from and
+               load_generator read: --src=DIR --dst=DIR [--layout=hf|meta] [--dtype=bfloat16]; --to=hf writes
+               such a directory (or a run fine-tuned from one, --step) back in the HF layout (docs/chameleon.md)
+  aot          lower and compile the train step for --devices=N devices without allocating them, and print
+               the per-device memory (docs/scaling.md)
   config       print the resolved, validated config
 
 Errors of cm3jax's own (a config that cannot work, damaged or foreign data and checkpoints, a
@@ -93,6 +98,14 @@ _KARPATHY = flags.DEFINE_string('karpathy', None, 'eval --suite=coco: Karpathy\'
 _WORLD = flags.DEFINE_string('world', '{}', 'eval: Shapes world fields as JSON, e.g. \'{"max_objects": 2}\'.')
 _STEP = flags.DEFINE_integer('step', None, 'sample, and train with --init_from: the checkpoint step to read '
                              '(default: the latest).')
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'sample: a directory `cm3jax convert chameleon` wrote (in place '
+                                  'of --workdir).')
+_SRC = flags.DEFINE_string('src', None, 'convert: the downloaded weights (HF folder or Meta release folder); with '
+                           '--to=hf, a converted directory or a run fine-tuned from one.')
+_DST = flags.DEFINE_string('dst', None, 'convert: the new directory to write.')
+_LAYOUT = flags.DEFINE_enum('layout', 'hf', ['hf', 'meta'], 'convert: the layout of --src.')
+_TO = flags.DEFINE_enum('to', 'cm3jax', ['cm3jax', 'hf'], 'convert: cm3jax (from downloaded weights) or hf (back).')
+_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'convert: the params\' dtype.')
 _VERBOSE = flags.DEFINE_bool('verbose', False, 'on an error, print its traceback, not just the line saying what '
                              'to change (CM3JAX_TRACEBACK=1 does the same).')
 
@@ -124,6 +137,8 @@ def _prepare(config) -> None:
 
 def _sample(config) -> None:
     del config  # the run's own config.json is read from --workdir
+    if _CHECKPOINT.value:
+        flags.FLAGS.workdir = _CHECKPOINT.value
     if not _WORKDIR.value or not (_PROMPT.value or _IMAGE.value):
         raise app.UsageError('cm3jax sample needs --workdir=DIR (a `cm3jax train` run on prepared data) and '
                              '--prompt="a red circle left of a blue square" to draw, or --image=PNG to caption '
@@ -191,6 +206,18 @@ def _caption(gen, images, where: pathlib.Path) -> None:
     print(f'captions of {len(record)} image(s) in {where}/captions.json')
 
 
+def _convert(config) -> None:
+    del config  # flags only
+    if not _SRC.value or not _DST.value:
+        raise app.UsageError('cm3jax convert chameleon needs --src=DIR (the downloaded weights) and --dst=DIR (new)')
+    from cm3jax.convert import converted
+    if _TO.value == 'hf':
+        summary = converted.export_hf(_SRC.value, _DST.value, _STEP.value)
+    else:
+        summary = converted.convert(_SRC.value, _DST.value, _LAYOUT.value, _DTYPE.value)
+    print(json.dumps({k: v for k, v in summary.items() if k != 'hf_vq_config'}, indent=1))
+
+
 def _build_index(config) -> None:
     del config  # flags only
     if not _DATA.value or not _RETRIEVER.value:
@@ -249,10 +276,18 @@ def _show_config(config) -> None:
 
 COMMANDS = {'train': _trainer('train'), 'train-tokenizer': _trainer('train-tokenizer'),
             'train-retriever': _trainer('train-retriever'), 'prepare': _prepare, 'build-index': _build_index,
-            'sample': _sample, 'quickstart': _quickstart, 'eval': _eval, 'config': _show_config}
+            'sample': _sample, 'quickstart': _quickstart, 'eval': _eval, 'config': _show_config,
+            'convert': _convert}
+SUBCOMMANDS = {'convert': ('chameleon',)}  # `cm3jax convert chameleon`: the model family is a second word
 
 
 def main(argv: list[str]) -> None:
+    if len(argv) == 3 and argv[1] in SUBCOMMANDS:
+        if argv[2] not in SUBCOMMANDS[argv[1]]:
+            raise app.UsageError(f'cm3jax {argv[1]} {argv[2]}: unknown; choose from {SUBCOMMANDS[argv[1]]}')
+        argv = argv[:2]
+    elif argv[1:2] == ['convert']:
+        raise app.UsageError('usage: cm3jax convert chameleon --src=DIR --dst=DIR [--layout=hf|meta] [--to=hf]')
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f'usage: cm3jax {{{"|".join(COMMANDS)}}} --config=configs/lm.py:tiny '
                              f'[--config.model.num_layers=4 ...]; got {argv[1:]}')
@@ -261,7 +296,7 @@ def main(argv: list[str]) -> None:
     logging.getLogger('absl').setLevel(logging.WARNING)  # orbax logs every save step by step at INFO
     try:
         COMMANDS[argv[1]](_CONFIG.value)
-    except (Cm3jaxError, ValueError, FileNotFoundError) as e:  # bad input: one line saying what to change
+    except (Cm3jaxError, ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: one line saying what to change
         if _VERBOSE.value or os.environ.get('CM3JAX_TRACEBACK'):
             raise
         _fail(argv[1], str(e))

@@ -43,16 +43,33 @@ def ours(gen, tokens):
     return np.asarray(jax.jit(lambda p, t: gen.model.apply({'params': p}, t))(gen.params, tokens))
 
 
+_BUILT = {}
+
+
+def _built(norm, tmp_path_factory):
+    """(HF model, its converted generator, tokens [2, 40], the folder holding hf/ and cm3jax/),
+    converted from the HF layout once per norm placement."""
+    if norm not in _BUILT:
+        model = chameleon_refs.hf_chameleon(VOCAB_MAP, swin_norm=norm == 'swin')
+        chameleon_refs.share_qk_norms(model, shards=2)  # writable in Meta's layout too (test_meta_layout)
+        root = tmp_path_factory.mktemp(norm)
+        converted.convert(hf_dir(root / 'hf', model), root / 'cm3jax')
+        gen, *_ = load_generator(root / 'cm3jax')
+        tokens = np.random.RandomState(0).randint(0, SIZE, (2, 40)).astype(np.int32)
+        _BUILT[norm] = model, gen, tokens, root
+    return _BUILT[norm]
+
+
 @pytest.fixture(scope='module', params=['pre', 'swin'])
 def reference(request, tmp_path_factory):
-    """(HF model, its converted generator, tokens [2, 40]): converted from the HF layout."""
-    model = chameleon_refs.hf_chameleon(VOCAB_MAP, swin_norm=request.param == 'swin')
-    chameleon_refs.share_qk_norms(model, shards=2)  # writable in Meta's layout too (test_meta_layout)
-    root = tmp_path_factory.mktemp(request.param)
-    converted.convert(hf_dir(root / 'hf', model), root / 'cm3jax')
-    gen, *_ = load_generator(root / 'cm3jax')
-    tokens = np.random.RandomState(0).randint(0, SIZE, (2, 40)).astype(np.int32)
-    return model, gen, tokens, root
+    """Both norm placements (logit parity)."""
+    return _built(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope='module')
+def pre(tmp_path_factory):
+    """Pre-norm only (decoding, export, bad input: the norm placement changes nothing there)."""
+    return _built('pre', tmp_path_factory)
 
 
 def test_logits_match_transformers(reference):
@@ -98,11 +115,11 @@ def test_rope_permutation_round_trips_and_is_not_the_identity():
     np.testing.assert_array_equal(half[:4, 0], w[[0, 2, 4, 6], 0])  # head 0's even rows first
 
 
-def test_greedy_decoding_matches_transformers(reference):
+def test_greedy_decoding_matches_transformers(pre):
     """Row 0: 20 text tokens, against transformers' ``generate``; row 1 opens an image: H*W
     codes, the forced ``<eoss>``, then text, against transformers' forward with the same rules
     written out. One decode call, one compile."""
-    model, gen, _, _ = reference
+    model, gen, _, _ = pre
     v, hw, max_new = gen.vocab, 4, 20
     words = TOKENIZER.encode('a red cat').ids
     rows = [np.array([v.bos, *words, 90], np.int32), np.array([v.bos, *words, v.break_], np.int32)]
@@ -143,8 +160,8 @@ def test_greedy_decoding_matches_transformers(reference):
     assert v.is_image(got[:hw]).all() and got[hw] == VOCAB_MAP['<eoss>']
 
 
-def test_export_to_hf_round_trips_exactly(reference, tmp_path):
-    model, gen, tokens, root = reference
+def test_export_to_hf_round_trips_exactly(pre, tmp_path):
+    model, gen, tokens, root = pre
     converted.export_hf(root / 'cm3jax', tmp_path / 'hf')
     back = transformers.ChameleonForConditionalGeneration.from_pretrained(tmp_path / 'hf').eval()
     for k, v in model.state_dict().items():
@@ -155,8 +172,8 @@ def test_export_to_hf_round_trips_exactly(reference, tmp_path):
     assert np.abs(hf_logits(back, tokens) - hf_logits(model, tokens)).max() == 0
 
 
-def test_bad_checkpoints_are_named(reference, tmp_path):
-    _, _, _, root = reference
+def test_bad_checkpoints_are_named(pre, tmp_path):
+    _, _, _, root = pre
     src = tmp_path / 'hf'
     shutil.copytree(root / 'hf', src)
     config = json.loads((src / 'config.json').read_text())
@@ -172,3 +189,35 @@ def test_bad_checkpoints_are_named(reference, tmp_path):
     (src / 'vqgan.ckpt').write_bytes(b'')
     with pytest.raises(FileNotFoundError, match=r'vqgan\.ckpt has no vqgan\.yaml beside it'):
         converted.convert(src, tmp_path / 'c')
+
+
+def test_command_line_converts_the_vqgan_too(pre, tmp_path, repo):
+    """``cm3jax convert chameleon`` with Meta's vqgan.ckpt + vqgan.yaml beside the HF weights:
+    the directory holds the VQ-GAN (encoder and decoder) as the VQ converter reads it."""
+    taming = pytest.importorskip('taming.modules.diffusionmodules.model')
+    import subprocess
+    import sys
+    import yaml
+    from cm3jax.convert import vqgan
+    _, _, _, root = pre
+    src = tmp_path / 'hf'
+    shutil.copytree(root / 'hf', src)
+    dd = dict(double_z=False, z_channels=16, resolution=16, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2],
+              num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+    torch.manual_seed(0)
+    parts = {'encoder': taming.Encoder(**dd), 'decoder': taming.Decoder(**dd),
+             'quant_conv': torch.nn.Conv2d(16, 8, 1), 'post_quant_conv': torch.nn.Conv2d(8, 16, 1)}
+    sd = {f'{p}.{k}': v for p, m in parts.items() for k, v in m.state_dict().items()}
+    sd['quantize.embedding.weight'] = torch.randn(CODES, 8)
+    torch.save({'state_dict': sd}, src / 'vqgan.ckpt')
+    (src / 'vqgan.yaml').write_text(yaml.safe_dump({'model': {'params': {'embed_dim': 8, 'n_embed': CODES,
+                                                                         'ddconfig': dd}}}))
+    out = subprocess.run([sys.executable, '-m', 'cm3jax', 'convert', 'chameleon', f'--src={src}',
+                          f'--dst={tmp_path / "out"}'], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    _, vocab, _, vq_params, vq_cfg = converted.read_converted(tmp_path / 'out')
+    assert vq_cfg.num_codes == vocab.num_image_codes == CODES and vq_cfg.latent_resolution == 8
+    want = vqgan.from_torch({k: v.numpy() for k, v in sd.items()}, vq_cfg)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(vq_params), jax.device_get(want))
+    with pytest.raises(FileExistsError, match='is not empty; give a new directory'):
+        converted.convert(src, tmp_path / 'out')
