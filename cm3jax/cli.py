@@ -98,6 +98,9 @@ _KARPATHY = flags.DEFINE_string('karpathy', None, 'eval --suite=coco: Karpathy\'
 _WORLD = flags.DEFINE_string('world', '{}', 'eval: Shapes world fields as JSON, e.g. \'{"max_objects": 2}\'.')
 _STEP = flags.DEFINE_integer('step', None, 'sample, and train with --init_from: the checkpoint step to read '
                              '(default: the latest).')
+_IMAGE_CFG = flags.DEFINE_float('image_cfg', 1.2, 'sample (Chameleon): the image-only stream\'s guidance scale.')
+_QUESTION = flags.DEFINE_string('question', 'What do you see in this image?', 'sample (Chameleon): what is asked '
+                                'about each --image (the chat turn after it).')
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'sample: a directory `cm3jax convert chameleon` wrote (in place '
                                   'of --workdir).')
 _SRC = flags.DEFINE_string('src', None, 'convert: the downloaded weights (HF folder or Meta release folder); with '
@@ -149,15 +152,52 @@ def _sample(config) -> None:
     import jax
     from cm3jax.sample import decode, generate, load
     gen, mesh, rules = load.load_generator(_WORKDIR.value, step=_STEP.value)
+    if gen.vq_cfg is None:
+        raise ValueError(f'{_WORKDIR.value} has no image tokenizer: convert the weights with the release\'s '
+                         f'vqgan.ckpt and vqgan.yaml (docs/chameleon.md)')
     images = [generate.read_image(path, gen.vq_cfg.resolution) for path in _IMAGE.value or []]  # before any work
     where = pathlib.Path(_OUT.value or pathlib.Path(_WORKDIR.value) / 'samples')
     sample = decode.SampleConfig(cfg_scale=_CFG.value, mode=_MODE.value, temperature=_TEMPERATURE.value,
                                  top_p=_TOP_P.value, top_k=_TOP_K.value, cdk_k=_CDK_K.value, cdk_alpha=_CDK_ALPHA.value)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        if gen.vocab.end_image != gen.vocab.break_:  # Chameleon / Anole weights: their formats and presets
+            _chameleon_sample(gen, images, where)
+            return
         if _PROMPT.value:
             _draw(gen, sample, where)
         if images:
             _caption(gen, images, where)
+
+
+def _chameleon_sample(gen, images, where: pathlib.Path) -> None:
+    """`cm3jax.sample.chameleon` with its presets; the sampling flags given override them."""
+    import dataclasses
+    import jax
+    import numpy as np
+    from PIL import Image
+    from cm3jax.sample import chameleon
+    given = lambda name: flags.FLAGS[name].present  # noqa: E731
+    where.mkdir(parents=True, exist_ok=True)
+    if _PROMPT.value:
+        sample = dataclasses.replace(chameleon.IMAGE, **{k: v for k, v in (
+            ('cfg_scale', _CFG.value), ('image_cfg_scale', _IMAGE_CFG.value), ('temperature', _TEMPERATURE.value),
+            ('top_p', _TOP_P.value), ('top_k', _TOP_K.value)) if given({'cfg_scale': 'cfg', 'image_cfg_scale': 'image_cfg'}.get(k, k))})
+        out = chameleon.text_to_image(gen, _PROMPT.value, num=_NUM.value, sample=sample,
+                                      rng=jax.random.key(_SEED.value))
+        grid = np.concatenate([np.concatenate(list(row), axis=1) for row in out['images']], axis=0)
+        Image.fromarray(grid).save(where / 'samples.png')
+        (where / 'samples.json').write_text(json.dumps({'prompts': _PROMPT.value, 'sample': vars(sample),
+                                                        'codes': out['codes'].tolist()}, indent=1))
+        print(f'{len(_PROMPT.value)} prompt(s) x {_NUM.value}: {where}/samples.png (a row per prompt)')
+    if images:
+        sample = dataclasses.replace(chameleon.TEXT, **{k: v for k, v in (
+            ('temperature', _TEMPERATURE.value), ('top_p', _TOP_P.value), ('top_k', _TOP_K.value)) if given(k)})
+        written = chameleon.image_to_text(gen, np.stack(images), question=_QUESTION.value, sample=sample,
+                                          rng=jax.random.key(_SEED.value))
+        record = [{'image': path, 'caption': text} for path, text in zip(_IMAGE.value, written)]
+        for r in record:
+            print(f'{r["image"]}: {r["caption"]}')
+        (where / 'captions.json').write_text(json.dumps(record, indent=1))
 
 
 def _draw(gen, sample, where: pathlib.Path) -> None:

@@ -122,3 +122,27 @@ def write_meta(model, tokenizer_json: str, root, shards: int = 1) -> None:
     (root / 'models' / '7b' / 'params.json').write_text(json.dumps({'model': params}))
     (root / 'tokenizer').mkdir()
     (root / 'tokenizer' / 'text_tokenizer.json').write_text(tokenizer_json)
+
+
+VQ_DDCONFIG = dict(double_z=False, z_channels=16, resolution=16, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2],
+                   num_res_blocks=1, attn_resolutions=[], dropout=0.0)  # 16 px -> 8x8 codes
+
+
+def write_vqgan(folder, num_codes: int) -> dict:
+    """A random taming VQ-GAN as Meta releases it: ``vqgan.ckpt`` (a Lightning ``state_dict``) and
+    ``vqgan.yaml`` in ``folder``. Returns the state dict (numpy)."""
+    import pathlib
+    import torch
+    import yaml
+    from taming.modules.diffusionmodules.model import Decoder, Encoder
+    torch.manual_seed(0)
+    dd, z = VQ_DDCONFIG, VQ_DDCONFIG['z_channels']
+    parts = {'encoder': Encoder(**dd), 'decoder': Decoder(**dd), 'quant_conv': torch.nn.Conv2d(z, 8, 1),
+             'post_quant_conv': torch.nn.Conv2d(8, z, 1)}
+    sd = {f'{p}.{k}': v for p, m in parts.items() for k, v in m.state_dict().items()}
+    sd['quantize.embedding.weight'] = torch.randn(num_codes, 8)
+    folder = pathlib.Path(folder)
+    torch.save({'state_dict': sd}, folder / 'vqgan.ckpt')
+    spec = {'model': {'params': {'embed_dim': 8, 'n_embed': num_codes, 'ddconfig': dd}}}
+    (folder / 'vqgan.yaml').write_text(yaml.safe_dump(spec))
+    return {k: v.numpy() for k, v in sd.items()}

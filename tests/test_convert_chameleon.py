@@ -190,34 +190,3 @@ def test_bad_checkpoints_are_named(pre, tmp_path):
     with pytest.raises(FileNotFoundError, match=r'vqgan\.ckpt has no vqgan\.yaml beside it'):
         converted.convert(src, tmp_path / 'c')
 
-
-def test_command_line_converts_the_vqgan_too(pre, tmp_path, repo):
-    """``cm3jax convert chameleon`` with Meta's vqgan.ckpt + vqgan.yaml beside the HF weights:
-    the directory holds the VQ-GAN (encoder and decoder) as the VQ converter reads it."""
-    taming = pytest.importorskip('taming.modules.diffusionmodules.model')
-    import subprocess
-    import sys
-    import yaml
-    from cm3jax.convert import vqgan
-    _, _, _, root = pre
-    src = tmp_path / 'hf'
-    shutil.copytree(root / 'hf', src)
-    dd = dict(double_z=False, z_channels=16, resolution=16, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2],
-              num_res_blocks=1, attn_resolutions=[], dropout=0.0)
-    torch.manual_seed(0)
-    parts = {'encoder': taming.Encoder(**dd), 'decoder': taming.Decoder(**dd),
-             'quant_conv': torch.nn.Conv2d(16, 8, 1), 'post_quant_conv': torch.nn.Conv2d(8, 16, 1)}
-    sd = {f'{p}.{k}': v for p, m in parts.items() for k, v in m.state_dict().items()}
-    sd['quantize.embedding.weight'] = torch.randn(CODES, 8)
-    torch.save({'state_dict': sd}, src / 'vqgan.ckpt')
-    (src / 'vqgan.yaml').write_text(yaml.safe_dump({'model': {'params': {'embed_dim': 8, 'n_embed': CODES,
-                                                                         'ddconfig': dd}}}))
-    out = subprocess.run([sys.executable, '-m', 'cm3jax', 'convert', 'chameleon', f'--src={src}',
-                          f'--dst={tmp_path / "out"}'], cwd=repo, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    _, vocab, _, vq_params, vq_cfg = converted.read_converted(tmp_path / 'out')
-    assert vq_cfg.num_codes == vocab.num_image_codes == CODES and vq_cfg.latent_resolution == 8
-    want = vqgan.from_torch({k: v.numpy() for k, v in sd.items()}, vq_cfg)
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(vq_params), jax.device_get(want))
-    with pytest.raises(FileExistsError, match='is not empty; give a new directory'):
-        converted.convert(src, tmp_path / 'out')
