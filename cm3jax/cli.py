@@ -101,6 +101,7 @@ _STEP = flags.DEFINE_integer('step', None, 'sample, and train with --init_from: 
 _IMAGE_CFG = flags.DEFINE_float('image_cfg', 1.2, 'sample (Chameleon): the image-only stream\'s guidance scale.')
 _QUESTION = flags.DEFINE_string('question', 'What do you see in this image?', 'sample (Chameleon): what is asked '
                                 'about each --image (the chat turn after it).')
+_DEVICES = flags.DEFINE_integer('devices', None, 'aot: compile for this many devices (on CPU they are simulated).')
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'sample: a directory `cm3jax convert chameleon` wrote (in place '
                                   'of --workdir).')
 _SRC = flags.DEFINE_string('src', None, 'convert: the downloaded weights (HF folder or Meta release folder); with '
@@ -258,6 +259,21 @@ def _convert(config) -> None:
     print(json.dumps({k: v for k, v in summary.items() if k != 'hf_vq_config'}, indent=1))
 
 
+def _aot(config) -> None:
+    if config.get('task') != 'lm':
+        raise app.UsageError('cm3jax aot needs an LM config, e.g. --config=configs/lm.py:cm3leon_7b')
+    n = _DEVICES.value
+    if n:  # simulated CPU devices must be asked for before the backend starts; other backends ignore it
+        os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + f' --xla_force_host_platform_device_count={n}'
+    import jax
+    from cm3jax import aot
+    devices = jax.devices()
+    if n and n > len(devices):
+        raise ValueError(f'--devices={n} but this backend has {len(devices)} ({devices[0].platform}); on a CPU the '
+                         f'count is simulated, so run it there (JAX_PLATFORMS=cpu)')
+    print(aot.format_report(aot.compile_train_step(config, devices[:n] if n else devices)))
+
+
 def _build_index(config) -> None:
     del config  # flags only
     if not _DATA.value or not _RETRIEVER.value:
@@ -317,7 +333,7 @@ def _show_config(config) -> None:
 COMMANDS = {'train': _trainer('train'), 'train-tokenizer': _trainer('train-tokenizer'),
             'train-retriever': _trainer('train-retriever'), 'prepare': _prepare, 'build-index': _build_index,
             'sample': _sample, 'quickstart': _quickstart, 'eval': _eval, 'config': _show_config,
-            'convert': _convert}
+            'convert': _convert, 'aot': _aot}
 SUBCOMMANDS = {'convert': ('chameleon',)}  # `cm3jax convert chameleon`: the model family is a second word
 
 
