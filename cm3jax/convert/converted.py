@@ -9,8 +9,8 @@ back to the HF layout.
                            ``vqgan.ckpt`` + ``vqgan.yaml`` (images need it; text does not)
     DIR/hf_vqmodel.safetensors  an HF source's ``model.vqmodel.*`` tensors, for the way back
 
-`cm3jax.sample.load.load_generator(DIR)`, ``cm3jax sample --checkpoint=DIR`` and
-``cm3jax train --init_from=DIR`` read it.
+`cm3jax.sample.load.load_generator(DIR)` (through `cm3jax.sample.load.read_converted`),
+``cm3jax sample --checkpoint=DIR`` and ``cm3jax train --init_from=DIR`` read it.
 """
 
 from __future__ import annotations
@@ -31,14 +31,10 @@ from cm3jax.convert import chameleon, chameleon_files
 from cm3jax.errors import ConfigError
 from cm3jax.lm import config as lm_config
 from cm3jax.model.transformer import Transformer
+from cm3jax.sample.load import TOKENIZER_FILE, VOCAB_FILE, VQ_DIR, read_converted
 from cm3jax.vocab import Vocab
 
-VOCAB_FILE, TOKENIZER_FILE, VQ_DIR = 'vocab.json', 'tokenizer.json', 'vqgan'
 HF_VQ_FILE = 'hf_vqmodel.safetensors'  # the HF source's VQ encoder, kept as is for `export_hf`
-
-
-def is_converted(directory: str | pathlib.Path) -> bool:
-    return (pathlib.Path(directory) / VOCAB_FILE).is_file()
 
 
 def lm_config_for(source_config, dtype: str = 'float32') -> ConfigDict:
@@ -115,19 +111,6 @@ def convert(src: str | pathlib.Path, dst: str | pathlib.Path, layout: str = 'hf'
     record['converted'] = summary
     (dst / 'config.json').write_text(json.dumps(record, indent=1, default=list))
     return summary
-
-
-def read_converted(directory: str | pathlib.Path):
-    """(config, vocab, text tokenizer, VQ params or None, VQ config or None) of a converted
-    directory (params are read with `cm3jax.params.restore`)."""
-    from cm3jax.text_tokenizer import TextTokenizer
-    from cm3jax.vq import load as vq_load
-    directory = pathlib.Path(directory)
-    config = ConfigDict(json.loads((directory / 'config.json').read_text()))
-    vocab = Vocab.from_dict(json.loads((directory / VOCAB_FILE).read_text()))
-    tok = TextTokenizer.load(directory / TOKENIZER_FILE)
-    vq_params, vq_cfg = vq_load.load_tokenizer(directory / VQ_DIR) if (directory / VQ_DIR).is_dir() else (None, None)
-    return config, vocab, tok, vq_params, vq_cfg
 
 
 def export_hf(directory: str | pathlib.Path, dst: str | pathlib.Path, step: int | None = None) -> dict:

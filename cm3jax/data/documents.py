@@ -94,7 +94,7 @@ def layout(segments: list[np.ndarray], is_image: list[bool], vocab, rng: np.rand
         if text_first == is_image[0]:
             segments, is_image = segments[::-1], is_image[::-1]
     if cfg.caption_dropout and any(is_image) and rng.random() < cfg.caption_dropout:
-        segments = [s if img else np.array([vocab.mask], np.int32) for s, img in zip(segments, is_image)]
+        segments = [s if img else np.array([vocab.require_mask()], np.int32) for s, img in zip(segments, is_image)]
     return np.concatenate([join(segments, is_image, vocab), [vocab.eos]]).astype(np.int32)
 
 

@@ -46,7 +46,7 @@ class Generator:
 
     @property
     def uncond_token(self) -> int:
-        return self.vocab.mask if self.caption_dropout else self.vocab.sentinel(0)
+        return self.vocab.require_mask() if self.caption_dropout else self.vocab.sentinel(0)
 
     @property
     def image_tokens(self) -> int:

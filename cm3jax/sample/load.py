@@ -13,11 +13,32 @@ import jax.numpy as jnp
 from ml_collections import ConfigDict
 
 from cm3jax import params as params_lib, parallel
-from cm3jax.convert import converted
 from cm3jax.data import prepare
 from cm3jax.lm import config as lm_config
 from cm3jax.model import transformer
 from cm3jax.sample.generate import Generator
+from cm3jax.vocab import Vocab
+
+# What `cm3jax convert chameleon` writes beside config.json and checkpoints/ (cm3jax.convert.converted)
+VOCAB_FILE, TOKENIZER_FILE, VQ_DIR = 'vocab.json', 'tokenizer.json', 'vqgan'
+
+
+def is_converted(directory: str | pathlib.Path) -> bool:
+    """Whether ``directory`` was written by `cm3jax convert` (it holds its own vocab and tokenizers)."""
+    return (pathlib.Path(directory) / VOCAB_FILE).is_file()
+
+
+def read_converted(directory: str | pathlib.Path):
+    """(config, vocab, text tokenizer, VQ params or None, VQ config or None) of a converted
+    directory; its params are read with `cm3jax.params.restore`."""
+    from cm3jax.text_tokenizer import TextTokenizer
+    from cm3jax.vq import load as vq_load
+    directory = pathlib.Path(directory)
+    config = ConfigDict(json.loads((directory / 'config.json').read_text()))
+    vocab = Vocab.from_dict(json.loads((directory / VOCAB_FILE).read_text()))
+    tok = TextTokenizer.load(directory / TOKENIZER_FILE)
+    vq_params, vq_cfg = vq_load.load_tokenizer(directory / VQ_DIR) if (directory / VQ_DIR).is_dir() else (None, None)
+    return config, vocab, tok, vq_params, vq_cfg
 
 
 def load_generator(workdir: str | pathlib.Path, mesh: jax.sharding.Mesh | None = None,
@@ -30,8 +51,8 @@ def load_generator(workdir: str | pathlib.Path, mesh: jax.sharding.Mesh | None =
     if not path.exists():
         raise FileNotFoundError(f'{path} is missing: point --workdir at a `cm3jax train` run (or --checkpoint at '
                                 f'the output of `cm3jax convert chameleon`)')
-    if converted.is_converted(workdir):  # released weights: the tokenizers sit in the directory
-        config, vocab, tok, vq_params, vq_cfg = converted.read_converted(workdir)
+    if is_converted(workdir):  # released weights: the tokenizers sit in the directory
+        config, vocab, tok, vq_params, vq_cfg = read_converted(workdir)
     else:
         config = ConfigDict(json.loads(path.read_text()))
         if not config.data.get('dir'):
