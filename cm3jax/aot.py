@@ -1,5 +1,5 @@
-"""`cm3jax aot`: lower and compile an LM config's train step for N devices without allocating
-anything, and report what each device would hold (docs/scaling.md).
+"""`cm3jax aot`: lower and compile an LM config's train step (and its cached decode step) for N
+devices without allocating anything, and report what each device would hold (docs/scaling.md).
 
     report = compile_train_step(config, jax.devices()[:8])
     print(format_report(report))
@@ -97,10 +97,52 @@ def compile_train_step(config, devices: Sequence[jax.Device]) -> Report:
                   num_params=int(sum(np.prod(x.shape) for x in jax.tree.leaves(target['params']))))
 
 
+@dataclasses.dataclass
+class DecodeReport:
+    devices: int
+    batch: int
+    cache_len: int
+    params: float        # bytes per device
+    cache: float         # the KV cache's bytes per device
+    temporaries: float
+
+    @property
+    def total(self) -> float:
+        return self.params + self.cache + self.temporaries
+
+
+def compile_decode_step(config, devices: Sequence[jax.Device], batch: int, cache_len: int | None = None) -> DecodeReport:
+    """Compile one cached decode step (`transformer.decode_step`) of ``batch`` rows over a KV
+    cache of ``cache_len`` slots (default model.max_len) on a mesh of ``devices``."""
+    lm_config.validate(config, num_devices=len(devices))
+    mesh = parallel.mesh_from_config(config.mesh, devices)
+    rules = parallel.rules_from_config(config)
+    cfg = dataclasses.replace(lm_config.transformer_config(config, mesh, rules), scan_layers=False, remat='none')
+    model = transformer.Transformer(cfg)
+    cache_len = cache_len or cfg.max_len
+    params = params_lib.abstract(lambda rng: model.init(rng, jnp.zeros((1, 8), jnp.int32))['params'], mesh, rules,
+                                 jax.random.key(0))
+    shapes = jax.eval_shape(lambda: transformer.init_cache(cfg, batch, cache_len))
+    cache = jax.tree.map(lambda x, axes: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.logical_sharding(
+        mesh, rules, axes)), shapes, transformer.cache_axes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+    tokens = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=parallel.logical_sharding(mesh, rules, ('act_batch',)))
+    fn = jax.jit(lambda p, c, t: transformer.decode_step(model, p, c, t), donate_argnums=1)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        compiled = fn.lower(params, cache, tokens).compile(compiler_options=_fast_codegen(devices))
+    return DecodeReport(devices=len(devices), batch=batch, cache_len=cache_len, params=_shard_bytes(params),
+                        cache=_shard_bytes(cache), temporaries=float(compiled.memory_analysis().temp_size_in_bytes))
+
+
 def format_report(r: Report) -> str:
     rows = [('params', r.params), ('optimizer state', r.optimizer), ('activations + temporaries', r.temporaries),
             ('arguments (state + batch)', r.arguments), ('peak (arguments + temporaries + new outputs)', r.peak)]
     head = (f'{r.num_params / 1e9:.2f}B params on {r.devices} devices, mesh {r.mesh}, batch {r.batch} x '
             f'{r.seq_len} ({r.batch // r.devices if r.batch >= r.devices else r.batch / r.devices} rows/device), '
             f'remat {r.remat}; per device:')
+    return '\n'.join([head] + [f'  {name:<46} {b / GIB:9.3f} GiB' for name, b in rows])
+
+
+def format_decode_report(r: DecodeReport) -> str:
+    rows = [('params', r.params), ('KV cache', r.cache), ('temporaries', r.temporaries), ('total', r.total)]
+    head = f'decode step: {r.batch} rows over {r.cache_len} cache slots on {r.devices} devices; per device:'
     return '\n'.join([head] + [f'  {name:<46} {b / GIB:9.3f} GiB' for name, b in rows])

@@ -271,7 +271,10 @@ def _aot(config) -> None:
     if n and n > len(devices):
         raise ValueError(f'--devices={n} but this backend has {len(devices)} ({devices[0].platform}); on a CPU the '
                          f'count is simulated, so run it there (JAX_PLATFORMS=cpu)')
-    print(aot.format_report(aot.compile_train_step(config, devices[:n] if n else devices)))
+    devices = devices[:n] if n else devices
+    print(aot.format_report(aot.compile_train_step(config, devices)))
+    rows = max(len(devices), config.train.batch // config.train.microbatches // len(devices) * len(devices))
+    print(aot.format_decode_report(aot.compile_decode_step(config, devices, batch=min(rows, len(devices) * 8))))
 
 
 def _build_index(config) -> None:
