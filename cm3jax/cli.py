@@ -102,6 +102,8 @@ _IMAGE_CFG = flags.DEFINE_float('image_cfg', 1.2, 'sample (Chameleon): the image
 _QUESTION = flags.DEFINE_string('question', 'What do you see in this image?', 'sample (Chameleon): what is asked '
                                 'about each --image (the chat turn after it).')
 _DEVICES = flags.DEFINE_integer('devices', None, 'aot: compile for this many devices (on CPU they are simulated).')
+_END_OF_TURN = flags.DEFINE_bool('end_of_turn', True, 'sample (Chameleon): close the --question with the chat '
+                                  'format\'s end-of-turn token <reserved08706>.')
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'sample: a directory `cm3jax convert chameleon` wrote (in place '
                                   'of --workdir).')
 _SRC = flags.DEFINE_string('src', None, 'convert: the downloaded weights (HF folder or Meta release folder); with '
@@ -194,7 +196,7 @@ def _chameleon_sample(gen, images, where: pathlib.Path) -> None:
         sample = dataclasses.replace(chameleon.TEXT, **{k: v for k, v in (
             ('temperature', _TEMPERATURE.value), ('top_p', _TOP_P.value), ('top_k', _TOP_K.value)) if given(k)})
         written = chameleon.image_to_text(gen, np.stack(images), question=_QUESTION.value, sample=sample,
-                                          rng=jax.random.key(_SEED.value))
+                                          end_of_turn=_END_OF_TURN.value, rng=jax.random.key(_SEED.value))
         record = [{'image': path, 'caption': text} for path, text in zip(_IMAGE.value, written)]
         for r in record:
             print(f'{r["image"]}: {r["caption"]}')

@@ -104,8 +104,9 @@ class Vocab:
         vocabulary_map: the tokenizer's token -> id map (tokenizer.json's vocab, or the HF
           config's ``vocabulary_map``). Then the vocab is that tokenizer: every id the BPE has is
           its own id (``text_is_bpe``), image code c is the id of the ``IMGIMG...`` token spelling
-          c (digits as letters A-J), bos/pad/eos are ``<s>``/``<pad>``/``</s>``, and there is no
-          CM3 mask or sentinel unless ``cm3_ids`` names reserved ids for them (mask first).
+          c (digits as letters A-J), bos/pad/eos are ``<s>``/``<pad>``/``</s>``, the other ``<...>``
+          tokens are neither text nor special (as in Meta's inference: never sampled), and there
+          is no CM3 mask or sentinel unless ``cm3_ids`` names reserved ids for them (mask first).
           ``size``, ``image_offset``, ``num_image_codes`` and the special ids are read from the
           map; the other arguments are ignored.
         Without it: a Chameleon-shaped vocab for a BPE of your own, whose ids are shifted
@@ -148,7 +149,10 @@ class Vocab:
         if len(set(vocabulary_map.values())) != size:
             raise ValueError(f'the vocabulary_map\'s ids are not 0..{size - 1} each once')
         mask, sentinels = (cm3_ids[0], tuple(cm3_ids[1:])) if cm3_ids else (None, ())
-        taken = {*named.values(), *cm3_ids, *range(offset, offset + k)}
+        # Meta's inference: every <...> token but "<" is special, never text; the ones cm3jax does not
+        # name (<unk>, <image>, the <reservedNNNNN>) are in no group, so the sampler never draws them
+        marked = {int(i) for name, i in vocabulary_map.items() if name.startswith('<') and name != '<'}
+        taken = {*named.values(), *cm3_ids, *range(offset, offset + k), *marked}
         return cls(size=size, text_ranges=_gaps(taken, size), image_offset=offset, num_image_codes=k, mask=mask,
                    sentinels=sentinels, image_end=named['eoss'], text_is_bpe=True, **named)
 

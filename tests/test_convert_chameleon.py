@@ -130,16 +130,19 @@ def test_greedy_decoding_matches_transformers(pre):
     out = jax.device_get(fn(gen.params, jnp.asarray(tokens), jnp.asarray(segs), jax.random.key(0),
                             jnp.asarray(remaining), jnp.asarray(pending)))
 
+    text_ok = v.allowed('text', 'special')
+    text_ok[[v.pad, v.bos]] = False
+    never = [i for i in range(SIZE) if not text_ok[i] and not v.is_image(i)]  # <pad>, <s>, <unk>, reserved ids
+    assert VOCAB_MAP['<unk>'] in never and VOCAB_MAP['<image>'] in never
     with torch.no_grad():
         hf = model.generate(torch.from_numpy(rows[0][None]).long(), max_new_tokens=max_new, do_sample=False,
-                            suppress_tokens=[v.pad, v.bos], pad_token_id=v.pad)[0, len(rows[0]):].numpy()
+                            suppress_tokens=never, pad_token_id=v.pad)[0, len(rows[0]):].numpy()
     n = out['lengths'][0]
     print('text:', out['tokens'][0, :n].tolist(), 'transformers:', hf.tolist())
     assert n == len(hf) and n >= 10
     np.testing.assert_array_equal(out['tokens'][0, :n], hf)
 
-    image_ok, text_ok = v.allowed('image'), v.allowed('text', 'special')
-    text_ok[[v.pad, v.bos]] = False
+    image_ok = v.allowed('image')
     seq, want, owed = list(rows[1]), [], hw
     while len(want) < max_new:
         logits = hf_logits(model, np.array([seq], np.int32))[0, -1]

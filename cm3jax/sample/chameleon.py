@@ -110,7 +110,8 @@ def caption_prompt(gen: generate.Generator, image: np.ndarray, question: str = '
     if end_of_turn:
         vocab_map = gen.text_tokenizer.tokenizer.get_vocab(with_added_tokens=True)
         if END_OF_TURN not in vocab_map:
-            raise ValueError(f'the tokenizer has no {END_OF_TURN} (end of turn); pass end_of_turn=False')
+            raise ValueError(f'the tokenizer has no {END_OF_TURN} (end of turn); pass end_of_turn=False '
+                             f'(cm3jax sample --noend_of_turn)')
         prompt = np.concatenate([prompt, [vocab_map[END_OF_TURN]]]).astype(np.int32)
     return prompt
 
