@@ -11,7 +11,7 @@ Commands:
   prepare      documents -> token shards (--config=configs/data.py:shapes --config.out=DIR --config.vq_workdir=DIR)
   build-index  embed --data's documents with --retriever into a memory bank and write every document's
                neighbour list next to its shards (--queries=EVAL_DIR for held-out data, --top_m)
-  sample       from a --workdir trained on prepared data: --prompt=CAPTION draws images (--num, --cfg, --mode,
+  sample       from a --workdir trained on prepared data (or --checkpoint=DIR from `cm3jax convert`): --prompt=CAPTION draws images (--num, --cfg, --mode,
                --temperature, --top_p, --top_k, --cdk_k, --cdk_alpha; --retriever=DIR re-ranks by CLIP score,
                --retrieve=K puts K retrieved documents first), --image=PNG writes captions; --judge scores
                both with the Shapes judge
@@ -20,6 +20,11 @@ Commands:
   eval         --workdir=RUN --suite=shapes|coco|folder: generate what the suite needs (or read --images), score
                it (FID with --extractor=inception|clip|none and --inception=PTH, CLIP score with --retriever,
                CIDEr-D, the Shapes judge) and write RUN/eval/report.json and report.md (docs/eval.md)
+  convert chameleon  downloaded Chameleon / Anole weights -> one directory that sample, train --init_from and
+               load_generator read: --src=DIR --dst=DIR [--layout=hf|meta] [--dtype=bfloat16]; --to=hf writes
+               such a directory (or a run fine-tuned from one, --step) back in the HF layout (docs/chameleon.md)
+  aot          lower and compile the train step for --devices=N devices without allocating them, and print
+               the per-device memory (docs/scaling.md)
   config       print the resolved, validated config
 
 Errors of cm3jax's own (a config that cannot work, damaged or foreign data and checkpoints, a
@@ -93,6 +98,20 @@ _KARPATHY = flags.DEFINE_string('karpathy', None, 'eval --suite=coco: Karpathy\'
 _WORLD = flags.DEFINE_string('world', '{}', 'eval: Shapes world fields as JSON, e.g. \'{"max_objects": 2}\'.')
 _STEP = flags.DEFINE_integer('step', None, 'sample, and train with --init_from: the checkpoint step to read '
                              '(default: the latest).')
+_IMAGE_CFG = flags.DEFINE_float('image_cfg', 1.2, 'sample (Chameleon): the image-only stream\'s guidance scale.')
+_QUESTION = flags.DEFINE_string('question', 'What do you see in this image?', 'sample (Chameleon): what is asked '
+                                'about each --image (the chat turn after it).')
+_DEVICES = flags.DEFINE_integer('devices', None, 'aot: compile for this many devices (on CPU they are simulated).')
+_END_OF_TURN = flags.DEFINE_bool('end_of_turn', True, 'sample (Chameleon): close the --question with the chat '
+                                  'format\'s end-of-turn token <reserved08706>.')
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'sample: a directory `cm3jax convert chameleon` wrote (in place '
+                                  'of --workdir).')
+_SRC = flags.DEFINE_string('src', None, 'convert: the downloaded weights (HF folder or Meta release folder); with '
+                           '--to=hf, a converted directory or a run fine-tuned from one.')
+_DST = flags.DEFINE_string('dst', None, 'convert: the new directory to write.')
+_LAYOUT = flags.DEFINE_enum('layout', 'hf', ['hf', 'meta'], 'convert: the layout of --src.')
+_TO = flags.DEFINE_enum('to', 'cm3jax', ['cm3jax', 'hf'], 'convert: cm3jax (from downloaded weights) or hf (back).')
+_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'convert: the params\' dtype.')
 _VERBOSE = flags.DEFINE_bool('verbose', False, 'on an error, print its traceback, not just the line saying what '
                              'to change (CM3JAX_TRACEBACK=1 does the same).')
 
@@ -124,6 +143,8 @@ def _prepare(config) -> None:
 
 def _sample(config) -> None:
     del config  # the run's own config.json is read from --workdir
+    if _CHECKPOINT.value:
+        flags.FLAGS.workdir = _CHECKPOINT.value
     if not _WORKDIR.value or not (_PROMPT.value or _IMAGE.value):
         raise app.UsageError('cm3jax sample needs --workdir=DIR (a `cm3jax train` run on prepared data) and '
                              '--prompt="a red circle left of a blue square" to draw, or --image=PNG to caption '
@@ -134,15 +155,52 @@ def _sample(config) -> None:
     import jax
     from cm3jax.sample import decode, generate, load
     gen, mesh, rules = load.load_generator(_WORKDIR.value, step=_STEP.value)
+    if gen.vq_cfg is None:
+        raise ValueError(f'{_WORKDIR.value} has no image tokenizer: convert the weights with the release\'s '
+                         f'vqgan.ckpt and vqgan.yaml (docs/chameleon.md)')
     images = [generate.read_image(path, gen.vq_cfg.resolution) for path in _IMAGE.value or []]  # before any work
     where = pathlib.Path(_OUT.value or pathlib.Path(_WORKDIR.value) / 'samples')
     sample = decode.SampleConfig(cfg_scale=_CFG.value, mode=_MODE.value, temperature=_TEMPERATURE.value,
                                  top_p=_TOP_P.value, top_k=_TOP_K.value, cdk_k=_CDK_K.value, cdk_alpha=_CDK_ALPHA.value)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        if gen.vocab.end_image != gen.vocab.break_:  # Chameleon / Anole weights: their formats and presets
+            _chameleon_sample(gen, images, where)
+            return
         if _PROMPT.value:
             _draw(gen, sample, where)
         if images:
             _caption(gen, images, where)
+
+
+def _chameleon_sample(gen, images, where: pathlib.Path) -> None:
+    """`cm3jax.sample.chameleon` with its presets; the sampling flags given override them."""
+    import dataclasses
+    import jax
+    import numpy as np
+    from PIL import Image
+    from cm3jax.sample import chameleon
+    given = lambda name: flags.FLAGS[name].present  # noqa: E731
+    where.mkdir(parents=True, exist_ok=True)
+    if _PROMPT.value:
+        sample = dataclasses.replace(chameleon.IMAGE, **{k: v for k, v in (
+            ('cfg_scale', _CFG.value), ('image_cfg_scale', _IMAGE_CFG.value), ('temperature', _TEMPERATURE.value),
+            ('top_p', _TOP_P.value), ('top_k', _TOP_K.value)) if given({'cfg_scale': 'cfg', 'image_cfg_scale': 'image_cfg'}.get(k, k))})
+        out = chameleon.text_to_image(gen, _PROMPT.value, num=_NUM.value, sample=sample,
+                                      rng=jax.random.key(_SEED.value))
+        grid = np.concatenate([np.concatenate(list(row), axis=1) for row in out['images']], axis=0)
+        Image.fromarray(grid).save(where / 'samples.png')
+        (where / 'samples.json').write_text(json.dumps({'prompts': _PROMPT.value, 'sample': vars(sample),
+                                                        'codes': out['codes'].tolist()}, indent=1))
+        print(f'{len(_PROMPT.value)} prompt(s) x {_NUM.value}: {where}/samples.png (a row per prompt)')
+    if images:
+        sample = dataclasses.replace(chameleon.TEXT, **{k: v for k, v in (
+            ('temperature', _TEMPERATURE.value), ('top_p', _TOP_P.value), ('top_k', _TOP_K.value)) if given(k)})
+        written = chameleon.image_to_text(gen, np.stack(images), question=_QUESTION.value, sample=sample,
+                                          end_of_turn=_END_OF_TURN.value, rng=jax.random.key(_SEED.value))
+        record = [{'image': path, 'caption': text} for path, text in zip(_IMAGE.value, written)]
+        for r in record:
+            print(f'{r["image"]}: {r["caption"]}')
+        (where / 'captions.json').write_text(json.dumps(record, indent=1))
 
 
 def _draw(gen, sample, where: pathlib.Path) -> None:
@@ -189,6 +247,36 @@ def _caption(gen, images, where: pathlib.Path) -> None:
     where.mkdir(parents=True, exist_ok=True)
     (where / 'captions.json').write_text(json.dumps(record, indent=1))
     print(f'captions of {len(record)} image(s) in {where}/captions.json')
+
+
+def _convert(config) -> None:
+    del config  # flags only
+    if not _SRC.value or not _DST.value:
+        raise app.UsageError('cm3jax convert chameleon needs --src=DIR (the downloaded weights) and --dst=DIR (new)')
+    from cm3jax.convert import converted
+    if _TO.value == 'hf':
+        summary = converted.export_hf(_SRC.value, _DST.value, _STEP.value)
+    else:
+        summary = converted.convert(_SRC.value, _DST.value, _LAYOUT.value, _DTYPE.value)
+    print(json.dumps({k: v for k, v in summary.items() if k != 'hf_vq_config'}, indent=1))
+
+
+def _aot(config) -> None:
+    if config.get('task') != 'lm':
+        raise app.UsageError('cm3jax aot needs an LM config, e.g. --config=configs/lm.py:cm3leon_7b')
+    n = _DEVICES.value
+    if n:  # simulated CPU devices must be asked for before the backend starts; other backends ignore it
+        os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + f' --xla_force_host_platform_device_count={n}'
+    import jax
+    from cm3jax import aot
+    devices = jax.devices()
+    if n and n > len(devices):
+        raise ValueError(f'--devices={n} but this backend has {len(devices)} ({devices[0].platform}); on a CPU the '
+                         f'count is simulated, so run it there (JAX_PLATFORMS=cpu)')
+    devices = devices[:n] if n else devices
+    print(aot.format_report(aot.compile_train_step(config, devices)))
+    rows = max(len(devices), config.train.batch // config.train.microbatches // len(devices) * len(devices))
+    print(aot.format_decode_report(aot.compile_decode_step(config, devices, batch=min(rows, len(devices) * 8))))
 
 
 def _build_index(config) -> None:
@@ -249,10 +337,18 @@ def _show_config(config) -> None:
 
 COMMANDS = {'train': _trainer('train'), 'train-tokenizer': _trainer('train-tokenizer'),
             'train-retriever': _trainer('train-retriever'), 'prepare': _prepare, 'build-index': _build_index,
-            'sample': _sample, 'quickstart': _quickstart, 'eval': _eval, 'config': _show_config}
+            'sample': _sample, 'quickstart': _quickstart, 'eval': _eval, 'config': _show_config,
+            'convert': _convert, 'aot': _aot}
+SUBCOMMANDS = {'convert': ('chameleon',)}  # `cm3jax convert chameleon`: the model family is a second word
 
 
 def main(argv: list[str]) -> None:
+    if len(argv) == 3 and argv[1] in SUBCOMMANDS:
+        if argv[2] not in SUBCOMMANDS[argv[1]]:
+            raise app.UsageError(f'cm3jax {argv[1]} {argv[2]}: unknown; choose from {SUBCOMMANDS[argv[1]]}')
+        argv = argv[:2]
+    elif argv[1:2] == ['convert']:
+        raise app.UsageError('usage: cm3jax convert chameleon --src=DIR --dst=DIR [--layout=hf|meta] [--to=hf]')
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f'usage: cm3jax {{{"|".join(COMMANDS)}}} --config=configs/lm.py:tiny '
                              f'[--config.model.num_layers=4 ...]; got {argv[1:]}')
@@ -261,7 +357,7 @@ def main(argv: list[str]) -> None:
     logging.getLogger('absl').setLevel(logging.WARNING)  # orbax logs every save step by step at INFO
     try:
         COMMANDS[argv[1]](_CONFIG.value)
-    except (Cm3jaxError, ValueError, FileNotFoundError) as e:  # bad input: one line saying what to change
+    except (Cm3jaxError, ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: one line saying what to change
         if _VERBOSE.value or os.environ.get('CM3JAX_TRACEBACK'):
             raise
         _fail(argv[1], str(e))

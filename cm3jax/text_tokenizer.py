@@ -141,8 +141,13 @@ class TextTokenizer:
     # ---- Joint-vocab ids ----
 
     def check_fits(self, vocab) -> None:
-        """Raise `TokenizerTooLargeError` unless every BPE id has a place in ``vocab``'s text range."""
-        if self.num_text > vocab.num_text:
+        """Raise `TokenizerTooLargeError` unless every BPE id has a place in ``vocab``'s text range
+        (or, for a vocab that is the tokenizer, unless the sizes agree)."""
+        if vocab.text_is_bpe and self.num_text != vocab.size:
+            raise TokenizerTooLargeError(
+                f'the text tokenizer has {self.num_text} ids but the vocab it should be has {vocab.size}: '
+                f'pass the tokenizer.json that came with the checkpoint')
+        if self.num_text > vocab.bpe_capacity:
             raise TokenizerTooLargeError(
                 f'the text tokenizer has {self.num_text} ids but vocab.num_text={vocab.num_text}: '
                 f'set vocab.num_text >= {self.num_text} or train a smaller BPE')

@@ -5,7 +5,9 @@ A `Vocab` is frozen and says where everything lives; it holds no tokenizer. Two 
 - `Vocab.build` (CM3leon style, the default): specials first, then the BPE's text ids, then the
   image codes. ``Vocab.build(num_text=56_320 - 14, num_image_codes=8192)`` gives 56,320 ids
   before the image codes (6 specials, 8 sentinels); the tiny configs use a few hundred text ids.
-- `Vocab.chameleon`: Chameleon's 65,536 ids, image codes at 4..8195 inside the BPE's range.
+- `Vocab.chameleon`: Chameleon's 65,536 ids, image codes at 4..8195 inside the BPE's range;
+  each image is wrapped in begin-image ``<racm3:break>`` and end-image ``<eoss>``. Given the
+  tokenizer's ``vocabulary_map`` it *is* Chameleon's tokenizer: text ids are the BPE ids.
 
 Token groups (text / image / special) are predicates on id arrays that work on numpy and jax
 arrays alike: the loss splits its metrics by them, the data pipeline uses them to keep CM3
@@ -34,6 +36,11 @@ class Vocab:
     text_ranges: half-open [start, stop) ranges of text ids.
     image_offset, num_image_codes: image code c is id ``image_offset + c``.
     pad .. eoss: the special ids (`SPECIAL_NAMES`); sentinels: CM3's enumerated ``<mask:i>``.
+      ``mask`` is None where the layout has no CM3 mask (Chameleon's tokenizer).
+    image_end: the id closing an image; None: ``break_`` (CM3leon's one ``<break>`` between
+      modalities); Chameleon's ``<eoss>``, with ``break_`` its begin-of-image.
+    text_is_bpe: the text tokenizer's ids are the vocab's ids (no shift; Chameleon's tokenizer,
+      whose BPE also holds the image and special tokens).
     """
     size: int
     text_ranges: tuple[tuple[int, int], ...]
@@ -43,9 +50,11 @@ class Vocab:
     bos: int
     eos: int
     break_: int
-    mask: int
+    mask: int | None
     eoss: int
     sentinels: tuple[int, ...]
+    image_end: int | None = None
+    text_is_bpe: bool = False
 
     def __post_init__(self):
         specials = self.special_ids
@@ -65,6 +74,8 @@ class Vocab:
                 raise ValueError(f'vocab special {name}={i} is outside [0, size={self.size})')
             if any(a <= i < b for a, b, _ in spans):
                 raise ValueError(f'vocab special {name}={i} falls inside a text or image range')
+        if self.image_end is not None and self.image_end not in specials:
+            raise ValueError(f'vocab image_end={self.image_end} is none of the special ids {self.named_specials()}')
 
     # ---- Layouts ----
 
@@ -83,23 +94,67 @@ class Vocab:
 
     @classmethod
     def chameleon(cls, size: int = 65_536, num_image_codes: int = 8192, image_offset: int = 4, bos: int = 0,
-                  pad: int = 1, eos: int = 2, break_: int = 8197, eoss: int = 8196, mask: int = 8198,
-                  num_sentinels: int = 8) -> 'Vocab':
+                  pad: int = 1, eos: int = 2, break_: int = 8197, eoss: int = 8196, mask: int | None = 8198,
+                  num_sentinels: int = 8, vocabulary_map: dict[str, int] | None = None,
+                  cm3_ids: tuple[int, ...] = ()) -> 'Vocab':
         """Chameleon's layout: one 65,536-id BPE whose ids ``image_offset`` .. +8191 are the image
         codes (``IMGIMG...`` tokens). ``break_`` is its begin-of-image ``<racm3:break>`` and
-        ``eoss`` its end-of-image ``<eoss>``. Chameleon has no CM3 mask, so ``mask`` and the
-        sentinels after it take reserved ids: check them against your tokenizer.json."""
-        sentinels = tuple(range(mask + 1, mask + 1 + num_sentinels))
-        taken = sorted({bos, pad, eos, break_, eoss, mask, *sentinels, *range(image_offset,
-                                                                                image_offset + num_image_codes)})
-        ranges, start = [], 0
-        for i in taken + [size]:  # text = every id not taken
-            if i > start:
-                ranges.append((start, i))
-            start = i + 1
-        return cls(size=size, text_ranges=tuple(ranges), image_offset=image_offset,
-                   num_image_codes=num_image_codes, pad=pad, bos=bos, eos=eos, break_=break_, mask=mask,
-                   eoss=eoss, sentinels=sentinels)
+        ``eoss`` (= ``image_end``) its end-of-image ``<eoss>``.
+
+        vocabulary_map: the tokenizer's token -> id map (tokenizer.json's vocab, or the HF
+          config's ``vocabulary_map``). Then the vocab is that tokenizer: every id the BPE has is
+          its own id (``text_is_bpe``), image code c is the id of the ``IMGIMG...`` token spelling
+          c (digits as letters A-J), bos/pad/eos are ``<s>``/``<pad>``/``</s>``, the other ``<...>``
+          tokens are neither text nor special (as in Meta's inference: never sampled), and there
+          is no CM3 mask or sentinel unless ``cm3_ids`` names reserved ids for them (mask first).
+          ``size``, ``image_offset``, ``num_image_codes`` and the special ids are read from the
+          map; the other arguments are ignored.
+        Without it: a Chameleon-shaped vocab for a BPE of your own, whose ids are shifted
+        around the image and special ids (every id not taken is text); ``mask`` and the
+        sentinels after it take reserved ids.
+        """
+        if vocabulary_map is not None:
+            return cls._from_vocabulary_map(vocabulary_map, tuple(cm3_ids))
+        sentinels = tuple(range(mask + 1, mask + 1 + num_sentinels)) if mask is not None else ()
+        taken = {bos, pad, eos, break_, eoss, *sentinels, *range(image_offset, image_offset + num_image_codes)}
+        taken |= {mask} if mask is not None else set()
+        return cls(size=size, text_ranges=_gaps(taken, size),
+                   image_offset=image_offset, num_image_codes=num_image_codes, pad=pad, bos=bos, eos=eos,
+                   break_=break_, mask=mask, eoss=eoss, sentinels=sentinels, image_end=eoss)
+
+    @classmethod
+    def _from_vocabulary_map(cls, vocabulary_map: dict[str, int], cm3_ids: tuple[int, ...]) -> 'Vocab':
+        digits = str.maketrans('ABCDEFGHIJ', '0123456789')
+        codes = {}
+        for name, i in vocabulary_map.items():
+            if name.startswith('IMGIMG') and name.endswith('Z'):
+                code = name[len('IMGIMG'):-1].translate(digits)
+                if not code.isdigit():
+                    raise ValueError(f'vocabulary_map token {name!r} does not spell an image code (letters A-J)')
+                codes[int(code)] = int(i)
+        if not codes:
+            raise ValueError('the vocabulary_map has no IMGIMG... image tokens: it is not a Chameleon tokenizer')
+        k = len(codes)
+        offset = codes.get(0, -1)
+        if sorted(codes) != list(range(k)) or any(codes[c] != offset + c for c in codes):
+            raise ValueError(f'the vocabulary_map\'s {k} image tokens are not codes 0..{k - 1} at consecutive ids; '
+                             f'cm3jax needs image code c at id offset + c')
+        named = {}
+        for field, token in (('bos', '<s>'), ('pad', '<pad>'), ('eos', '</s>'), ('break_', '<racm3:break>'),
+                             ('eoss', '<eoss>')):
+            if token not in vocabulary_map:
+                raise ValueError(f'the vocabulary_map has no {token!r} token ({field}): it is not a Chameleon tokenizer')
+            named[field] = int(vocabulary_map[token])
+        size = max(vocabulary_map.values()) + 1
+        if len(set(vocabulary_map.values())) != size:
+            raise ValueError(f'the vocabulary_map\'s ids are not 0..{size - 1} each once')
+        mask, sentinels = (cm3_ids[0], tuple(cm3_ids[1:])) if cm3_ids else (None, ())
+        # Meta's inference: every <...> token but "<" is special, never text; the ones cm3jax does not
+        # name (<unk>, <image>, the <reservedNNNNN>) are in no group, so the sampler never draws them
+        marked = {int(i) for name, i in vocabulary_map.items() if name.startswith('<') and name != '<'}
+        taken = {*named.values(), *cm3_ids, *range(offset, offset + k), *marked}
+        return cls(size=size, text_ranges=_gaps(taken, size), image_offset=offset, num_image_codes=k, mask=mask,
+                   sentinels=sentinels, image_end=named['eoss'], text_is_bpe=True, **named)
 
     @classmethod
     def from_config(cls, config) -> 'Vocab':
@@ -125,12 +180,32 @@ class Vocab:
         return sum(b - a for a, b in self.text_ranges)
 
     @property
+    def bpe_capacity(self) -> int:
+        """How many ids a text tokenizer may have: ``num_text`` (its ids are shifted into the text
+        ranges), or ``size`` when the tokenizer is the vocab (``text_is_bpe``)."""
+        return self.size if self.text_is_bpe else self.num_text
+
+    @property
+    def end_image(self) -> int:
+        """The id that closes an image span: ``image_end``, else ``break_``."""
+        return self.break_ if self.image_end is None else self.image_end
+
+    @property
     def special_ids(self) -> tuple[int, ...]:
-        return (self.pad, self.bos, self.eos, self.break_, self.mask, self.eoss, *self.sentinels)
+        return tuple(i for i in (self.pad, self.bos, self.eos, self.break_, self.mask, self.eoss, *self.sentinels)
+                     if i is not None)
 
     def named_specials(self) -> dict[str, int]:
-        return {**dict(zip(SPECIAL_NAMES, self.special_ids)),
+        named = dict(zip(SPECIAL_NAMES, (self.pad, self.bos, self.eos, self.break_, self.mask, self.eoss)))
+        return {**{k: v for k, v in named.items() if v is not None},
                 **{f'<mask:{i}>': s for i, s in enumerate(self.sentinels)}}
+
+    def require_mask(self) -> int:
+        """The CM3 ``<mask>`` id, or an error saying this vocab has none."""
+        if self.mask is None:
+            raise ValueError('this vocab has no CM3 <mask> (Chameleon\'s tokenizer): name reserved ids for it with '
+                             'Vocab.chameleon(vocabulary_map=..., cm3_ids=(mask, sentinel 0, ...))')
+        return self.mask
 
     def sentinel(self, i: int) -> int:
         if not 0 <= i < len(self.sentinels):
@@ -147,8 +222,14 @@ class Vocab:
         return ids - self.image_offset
 
     def text_ids(self, bpe_ids):
-        """Ids of the text tokenizer, [0, num_text) -> joint-vocab ids (numpy)."""
+        """Ids of the text tokenizer, [0, num_text) -> joint-vocab ids (numpy); unchanged, only
+        range-checked, when ``text_is_bpe``."""
         bpe_ids = np.asarray(bpe_ids)
+        if self.text_is_bpe:
+            if bpe_ids.size and (bpe_ids.min() < 0 or bpe_ids.max() >= self.size):
+                raise ValueError(f'text tokenizer ids must lie in [0, {self.size}); got [{bpe_ids.min()}, '
+                                 f'{bpe_ids.max()}]: the tokenizer is larger than the vocab')
+            return bpe_ids.astype(np.int32)
         if bpe_ids.size and (bpe_ids.min() < 0 or bpe_ids.max() >= self.num_text):
             raise ValueError(f'text tokenizer ids must lie in [0, {self.num_text}); got '
                              f'[{bpe_ids.min()}, {bpe_ids.max()}]: the tokenizer is larger than vocab.num_text')
@@ -162,6 +243,8 @@ class Vocab:
         ids = np.asarray(ids)
         if not np.all(self.is_text(ids)):
             raise ValueError(f'bpe_ids takes text ids only; got {ids[~self.is_text(ids)][:8].tolist()}')
+        if self.text_is_bpe:
+            return ids.astype(np.int32)
         out = np.zeros(ids.shape, np.int32)
         base = 0
         for a, b in self.text_ranges:
@@ -211,6 +294,10 @@ class Vocab:
         d = dataclasses.asdict(self)
         d['text_ranges'] = [list(r) for r in self.text_ranges]
         d['sentinels'] = list(self.sentinels)
+        if d['image_end'] is None:  # absent when off: older vocabs keep their fingerprints
+            del d['image_end']
+        if not d['text_is_bpe']:
+            del d['text_is_bpe']
         return d
 
     @classmethod
@@ -237,3 +324,13 @@ class Vocab:
             else:
                 out.append(f'?{i}')
         return out
+
+
+def _gaps(taken: set[int], size: int) -> tuple[tuple[int, int], ...]:
+    """The half-open ranges of [0, size) that hold no id of ``taken``."""
+    ranges, start = [], 0
+    for i in sorted(taken) + [size]:
+        if i > start:
+            ranges.append((start, i))
+        start = i + 1
+    return tuple(ranges)

@@ -15,6 +15,8 @@ Presets and their launch commands (override any field with ``--config.FIELD=VALU
                  cm3jax train --config=configs/lm.py:cm3leon_7b --workdir=DIR --config.mesh.ici="(1,-1,4)" --config.model.dtype=bfloat16
   chameleon      Chameleon-7B: RMSNorm, SwiGLU (11008), RoPE, QK-norm, 65,536 ids, z-loss 1e-5.
                  cm3jax train --config=configs/lm.py:chameleon --workdir=DIR --config.mesh.ici="(1,-1,4)" --config.model.dtype=bfloat16
+  chameleon_34b  Chameleon-34B: 48 layers, d_model 8192, 64 heads (8 kv heads), SwiGLU 22016, swin norm.
+                 cm3jax aot --config=configs/lm.py:chameleon_34b --devices=256 --config.train.batch=256
 """
 
 from ml_collections import ConfigDict
@@ -22,7 +24,8 @@ from ml_collections import ConfigDict
 # CM3leon's joint vocabulary: 56,320 text ids (docs/paper.md, "Tokenizers") plus 8,192 image codes.
 CM3LEON_VOCAB = 56_320 + 8_192
 CHAMELEON_VOCAB = 65_536  # BPE that already holds the 8,192 image codes
-PEAK_LR = {'cm3leon_350m': 6e-4, 'cm3leon_760m': 5e-4, 'cm3leon_7b': 1.2e-4, 'chameleon': 1.2e-4}
+PEAK_LR = {'cm3leon_350m': 6e-4, 'cm3leon_760m': 5e-4, 'cm3leon_7b': 1.2e-4, 'chameleon': 1.2e-4,
+           'chameleon_34b': 1.2e-4}  # 34B: the 7B's until a run says otherwise
 
 SIZES = {  # name: (num_layers, d_model, num_heads)
     'tiny': (2, 64, 4),
@@ -30,6 +33,7 @@ SIZES = {  # name: (num_layers, d_model, num_heads)
     'cm3leon_760m': (24, 1536, 16),
     'cm3leon_7b': (32, 4096, 32),
     'chameleon': (32, 4096, 32),
+    'chameleon_34b': (48, 8192, 64),
 }
 
 
@@ -127,8 +131,10 @@ def get_config(arg: str = 'tiny') -> ConfigDict:
         'retrieved_weight': 1.0,  # the retrieved documents' loss weight (0: learn from the query only)
     })
 
-    if size == 'chameleon' or 'chameleon' in modifiers:
-        apply_chameleon(config, full_size=size == 'chameleon')
+    if size.startswith('chameleon') or 'chameleon' in modifiers:
+        apply_chameleon(config, full_size=size.startswith('chameleon'))
+    if size == 'chameleon_34b':  # the 34B's GQA, wider MLP and swin norm (docs/paper.md, "Chameleon")
+        config.model.update(num_kv_heads=8, mlp_dim=22_016, norm_placement='swin')
     return config
 
 

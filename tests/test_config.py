@@ -67,7 +67,7 @@ def test_command_line_overrides(repo):
     bad = _cli(repo, 'config', '--config=configs/lm.py:tiny', '--config.model.num_heads=5')
     assert bad.returncode != 0 and 'model.num_heads=5 does not divide model.d_model=64' in bad.stderr
     usage = _cli(repo, 'fly')
-    assert usage.returncode != 0 and 'usage: cm3jax {train|train-tokenizer|train-retriever|prepare|build-index|sample|quickstart|eval|config}' in usage.stderr
+    assert usage.returncode != 0 and 'usage: cm3jax {train|train-tokenizer|train-retriever|prepare|build-index|sample|quickstart|eval|config|convert|aot}' in usage.stderr
     no_workdir = _cli(repo, 'train')
     assert no_workdir.returncode != 0 and 'cm3jax train needs --workdir=DIR' in no_workdir.stderr
     wrong = _cli(repo, 'train-tokenizer', '--workdir=/tmp/unused')  # the LM config is the default

@@ -29,7 +29,7 @@ LAYERS = [
     (7, 'sample', ('sample',)),
     (7, 'sft', ('sft',)),
     (8, 'eval', ('eval',)),
-    (9, 'top', ('convert', 'quickstart', 'quickstart_report', 'trainers', 'cli', '__main__')),
+    (9, 'top', ('convert', 'aot', 'quickstart', 'quickstart_report', 'trainers', 'cli', '__main__')),
 ]
 
 

@@ -106,6 +106,9 @@ def from_hf(state_dict: Mapping[str, np.ndarray], cfg: TransformerConfig) -> dic
     rows/columns from V up. Layer params are [L, ...] under ``layers`` with ``cfg.scan_layers``,
     else ``layers_0``, ``layers_1``, ...
     Raises ValueError naming the key and config field when the checkpoint does not fit.
+    Values may be lazy (anything ``np.asarray`` reads, e.g. `cm3jax.convert.chameleon_files`'
+    views of safetensors or Meta's files): each is read, mapped and cast on its own, so the
+    conversion holds the source one tensor at a time beside the result.
     """
     wrong = [f'model.{k}={getattr(cfg, k)!r} (needs {v!r})' for k, v in SWITCHES.items() if getattr(cfg, k) != v]
     if wrong:
@@ -138,35 +141,45 @@ def from_hf(state_dict: Mapping[str, np.ndarray], cfg: TransformerConfig) -> dic
                          f'set model.vocab_size={vocab}')
     _check_shape(key, embed, (vocab, cfg.d_model), ('model.vocab_size', 'model.d_model'))
     pad = ((0, cfg.padded_vocab_size - vocab), (0, 0))  # ids the checkpoint lacks get zero rows
-    params = {'embed': np.pad(embed, pad)}
+    params = {'embed': np.pad(embed, pad).astype(dtype)}
+    del embed
     key, scale = take('norm.weight')
     _check_shape(key, scale, (cfg.d_model,), ('model.d_model',))
-    params['final_norm'] = {'scale': scale}
+    params['final_norm'] = {'scale': scale.astype(dtype)}
     if not cfg.tie_embeddings:
         key, head = take('lm_head.weight')
         _check_shape(key, head, (vocab, cfg.d_model), ('model.vocab_size', 'model.d_model'))
-        params['lm_head'] = np.pad(head, pad).T
+        params['lm_head'] = np.ascontiguousarray(np.pad(head, pad).T, dtype)
+        del head
 
     table = _layer_table(cfg)
-    layers = []
+    stacked: dict = {}  # scan: [L, ...] arrays filled layer by layer (no second copy of the layers)
     for i in range(cfg.num_layers):
         layer = {}
         for hf_name, (path, expected, fields, fn) in table.items():
             key, w = take(f'layers.{i}.{hf_name}')
             _check_shape(key, w, expected, fields)
-            node = layer
-            for part in path[:-1]:
-                node = node.setdefault(part, {})
-            node[path[-1]] = fn(w)
-        layers.append(layer)
+            w = np.ascontiguousarray(fn(w), dtype)
+            if cfg.scan_layers:
+                node = stacked
+                for part in path[:-1]:
+                    node = node.setdefault(part, {})
+                if path[-1] not in node:
+                    node[path[-1]] = np.empty((cfg.num_layers, *w.shape), dtype)
+                node[path[-1]][i] = w
+            else:
+                node = layer
+                for part in path[:-1]:
+                    node = node.setdefault(part, {})
+                node[path[-1]] = w
+            del w
+        if not cfg.scan_layers:
+            params[f'layers_{i}'] = layer
     if todo:
         raise ValueError(f'checkpoint keys with no place in the cm3jax model (projection biases, '
                          f'another architecture?): {sorted(v[0] for v in todo.values())}')
     if cfg.scan_layers:
-        params['layers'] = jax.tree.map(lambda *ws: np.stack(ws), *layers)
-    else:
-        params.update({f'layers_{i}': layer for i, layer in enumerate(layers)})
-    params = jax.tree.map(lambda w: np.ascontiguousarray(w).astype(dtype), params)
+        params['layers'] = stacked
 
     # The model's own init is the ground truth for names and shapes.
     abstract = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
@@ -175,3 +188,36 @@ def from_hf(state_dict: Mapping[str, np.ndarray], cfg: TransformerConfig) -> dic
     if got != want:
         raise AssertionError(f'converter out of date with cm3jax.model: built {got}, the model has {want}')
     return params
+
+
+def to_hf(params: Mapping[str, Any], cfg: TransformerConfig, vocab_size: int) -> dict[str, np.ndarray]:
+    """The inverse of `from_hf`: cm3jax params -> ``ChameleonForConditionalGeneration`` state
+    dict (float32 numpy, ``model.`` prefix, ``vocab_size`` rows: the padding is dropped)."""
+    get = lambda x: np.asarray(jax.device_get(x), np.float32)  # noqa: E731
+    d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    out = {'model.embed_tokens.weight': get(params['embed'])[:vocab_size],
+           'model.norm.weight': get(params['final_norm']['scale'])}
+    out['lm_head.weight'] = (out['model.embed_tokens.weight'] if cfg.tie_embeddings
+                             else get(params['lm_head'])[:, :vocab_size].T.copy())
+    inverse = {  # cm3jax path -> (HF name, map back)
+        ('attn', 'wq'): ('self_attn.q_proj.weight', lambda w: w.reshape(d, h * hd).T),
+        ('attn', 'wk'): ('self_attn.k_proj.weight', lambda w: w.reshape(d, kv * hd).T),
+        ('attn', 'wv'): ('self_attn.v_proj.weight', lambda w: w.reshape(d, kv * hd).T),
+        ('attn', 'wo'): ('self_attn.o_proj.weight', lambda w: w.reshape(h * hd, d).T),
+        ('mlp', 'wg'): ('mlp.gate_proj.weight', np.transpose),
+        ('mlp', 'wi'): ('mlp.up_proj.weight', np.transpose),
+        ('mlp', 'wo'): ('mlp.down_proj.weight', np.transpose),
+        ('attn_norm', 'scale'): ('input_layernorm.weight', lambda w: w),
+        ('mlp_norm', 'scale'): ('post_attention_layernorm.weight', lambda w: w),
+    }
+    for which in ('q', 'k'):
+        for ours, theirs in (('scale', 'weight'), ('bias', 'bias')):
+            inverse[('attn', f'{which}_norm', ours)] = (f'self_attn.{which}_norm.{theirs}', lambda w: w)
+    for i in range(cfg.num_layers):
+        layer = (jax.tree.map(lambda x: x[i], params['layers']) if cfg.scan_layers else params[f'layers_{i}'])
+        for path, (name, fn) in inverse.items():
+            node = layer
+            for part in path:
+                node = node[part]
+            out[f'model.layers.{i}.{name}'] = np.ascontiguousarray(fn(get(node)))
+    return out

@@ -94,7 +94,8 @@ def transform(tokens: np.ndarray, vocab, rng: np.random.Generator,
 
 
 def _weights(tokens: np.ndarray, vocab) -> np.ndarray:
-    return np.where(np.isin(tokens, (*vocab.sentinels, vocab.mask)), 0.0, 1.0).astype(np.float32)
+    cm3_ids = (*vocab.sentinels, *(() if vocab.mask is None else (vocab.mask,)))  # Chameleon's vocab may have none
+    return np.where(np.isin(tokens, cm3_ids), 0.0, 1.0).astype(np.float32)
 
 
 def invert(tokens: np.ndarray, vocab, end_of_span: bool = True) -> np.ndarray:

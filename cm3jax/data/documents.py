@@ -94,13 +94,18 @@ def layout(segments: list[np.ndarray], is_image: list[bool], vocab, rng: np.rand
         if text_first == is_image[0]:
             segments, is_image = segments[::-1], is_image[::-1]
     if cfg.caption_dropout and any(is_image) and rng.random() < cfg.caption_dropout:
-        segments = [s if img else np.array([vocab.mask], np.int32) for s, img in zip(segments, is_image)]
+        segments = [s if img else np.array([vocab.require_mask()], np.int32) for s, img in zip(segments, is_image)]
     return np.concatenate([join(segments, is_image, vocab), [vocab.eos]]).astype(np.int32)
 
 
 def join(segments: list[np.ndarray], is_image: list[bool], vocab) -> np.ndarray:
     """Segments in the given order with ``<break>`` wherever an image starts or ends, also
-    between two images (no ``<eos>``)."""
+    between two images (no ``<eos>``). Where the vocab closes images with a token of their own
+    (Chameleon: ``<racm3:break>`` image ``<eoss>``), every image is wrapped in the two."""
+    if vocab.end_image != vocab.break_:
+        out = [np.concatenate([[vocab.break_], s, [vocab.end_image]]) if img else s
+               for s, img in zip(segments, is_image)]
+        return np.concatenate([np.asarray(s, np.int32) for s in out]).astype(np.int32)
     out = [np.asarray(segments[0], np.int32)]
     for prev, seg, img in zip(is_image, segments[1:], is_image[1:]):
         if img or prev:

@@ -8,9 +8,11 @@ stream of that sample.
 
 Each sample row is a small state machine, so one batch may hold rows mid-text and mid-image:
 
-- text: image codes are masked out; a ``<break>`` opens an image span;
+- text: image codes are masked out; a ``<break>`` (``vocab.break_``, Chameleon's
+  begin-of-image ``<racm3:break>``) opens an image span;
 - image: only image codes, exactly ``image_tokens`` of them; then the row stops
-  (``stop_after_image``) or a ``<break>`` is forced and the row is back in text;
+  (``stop_after_image``) or the image's end (``vocab.end_image``: CM3leon's ``<break>``,
+  Chameleon's ``<eoss>``) is forced and the row is back in text;
 - done: after ``<eos>`` (or one of ``stop_tokens``, e.g. ``<eoss>`` closing a CM3 infill), an
   image with ``stop_after_image``, or ``max_new`` tokens.
 
@@ -84,7 +86,7 @@ class DecodeState:
     latest logits Float[S * B, V]; small_cache / small_last: the amateur model's (None without
     one); tokens: Int32[B, max_new], ``<pad>`` where nothing was generated; done: Bool[B];
     remaining: Int32[B], image codes the row still owes; pending: Bool[B], a finished image
-    awaiting its closing ``<break>``; lengths: Int32[B], tokens generated per row; key: the RNG.
+    awaiting its closing ``vocab.end_image``; lengths: Int32[B], tokens generated per row; key: the RNG.
     """
     step: jax.Array
     cache: Any
@@ -103,7 +105,7 @@ def initial_image_state(prompts: np.ndarray, segment_ids: np.ndarray, vocab: Voc
                         image_tokens: int) -> tuple[np.ndarray, np.ndarray]:
     """(remaining Int32[B], pending_break Bool[B]) for the conditional prompts [B, T]: how many
     image codes the row still owes when the prompt ends inside an image (or right after a
-    text ``<break>``), and whether a finished image must be closed by a ``<break>``."""
+    text ``<break>``), and whether a finished image must be closed by ``vocab.end_image``."""
     remaining, pending = np.zeros(len(prompts), np.int32), np.zeros(len(prompts), bool)
     for b, (row, seg) in enumerate(zip(prompts, segment_ids)):
         row = row[seg > 0]
@@ -115,8 +117,9 @@ def initial_image_state(prompts: np.ndarray, segment_ids: np.ndarray, vocab: Voc
                              f'{image_tokens} an image has')
         if codes:
             remaining[b] = image_tokens - codes
-        elif len(row) and row[-1] == vocab.break_ and not (len(row) > 1 and image[-2]):
-            remaining[b] = image_tokens  # text, then <break>: an image is due
+        elif len(row) and row[-1] == vocab.break_ and not (len(row) > 1 and image[-2]
+                                                             and vocab.end_image == vocab.break_):
+            remaining[b] = image_tokens  # text, then <break> (or any begin-of-image): an image is due
         pending[b] = codes > 0 and remaining[b] == 0
     return remaining, pending
 
@@ -164,7 +167,7 @@ def decode(model: transformer.Transformer, params, prompts: jax.Array, segment_i
     image_ok = pad_to(vocab.allowed('image'))
     text_ok = pad_to(vocab.allowed('text', 'special') & ~np.isin(np.arange(vocab.padded_size),
                                                                  [vocab.pad, vocab.bos]))
-    break_ok = jnp.zeros(v, bool).at[vocab.break_].set(True)
+    end_ok = jnp.zeros(v, bool).at[vocab.end_image].set(True)
     cdk_rows = jnp.arange(b) < {'sample': 0, 'cdk': b, 'mixed': round(sample.cdk_fraction * b)}[sample.mode]
 
     def choose(last, small_last, remaining, pending, key):
@@ -175,7 +178,7 @@ def decode(model: transformer.Transformer, params, prompts: jax.Array, segment_i
             guided = lp.cfg(s[0], s[1], sample.cfg_scale)
         else:
             guided = lp.cfg3(s[0], s[2], s[1], sample.cfg_scale, sample.image_cfg_scale)
-        allowed = jnp.where(pending[:, None], break_ok, jnp.where((remaining > 0)[:, None], image_ok, text_ok))
+        allowed = jnp.where(pending[:, None], end_ok, jnp.where((remaining > 0)[:, None], image_ok, text_ok))
         plain_key, cdk_key = jax.random.split(key)
         guided = lp.mask(guided, allowed)
         token = lp.sample(plain_key, guided, sample.temperature, sample.top_k, sample.top_p)
@@ -190,7 +193,7 @@ def decode(model: transformer.Transformer, params, prompts: jax.Array, segment_i
         key, step_key = jax.random.split(st.key)
         token = jnp.where(st.done, vocab.pad, choose(st.last, st.small_last, st.remaining, st.pending, step_key))
         in_image = st.remaining > 0
-        opens_image = (token == vocab.break_) & ~st.pending  # a forced <break> closes an image instead
+        opens_image = (token == vocab.break_) & ~st.pending  # a forced CM3leon <break> closes an image instead
         remaining = jnp.where(st.done, st.remaining, jnp.where(in_image, st.remaining - 1,
                                                                jnp.where(opens_image, image_tokens, 0)))
         finished_image = in_image & (remaining == 0)

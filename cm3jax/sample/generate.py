@@ -46,7 +46,7 @@ class Generator:
 
     @property
     def uncond_token(self) -> int:
-        return self.vocab.mask if self.caption_dropout else self.vocab.sentinel(0)
+        return self.vocab.require_mask() if self.caption_dropout else self.vocab.sentinel(0)
 
     @property
     def image_tokens(self) -> int:
@@ -211,8 +211,9 @@ def continue_document(gen: Generator, segments: Sequence[documents.Segment], *, 
     out = _run(gen, [[prompt]], sample, rng if rng is not None else jax.random.key(0), max_new)
     row = out['tokens'][0, :out['lengths'][0]]
     parts, r = [], gen.vq_cfg.latent_resolution
-    for piece in np.split(row, np.flatnonzero(row == v.break_)):
-        piece = piece[(piece != v.break_) & (piece != v.eos)]
+    marks = np.isin(row, (v.break_, v.end_image))
+    for piece in np.split(row, np.flatnonzero(marks)):
+        piece = piece[~np.isin(piece, (v.break_, v.end_image, v.eos))]
         if not len(piece):
             continue
         if v.is_image(piece).all() and len(piece) == r * r:

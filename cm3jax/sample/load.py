@@ -1,6 +1,7 @@
 """A `Generator` from a `cm3jax train` workdir trained on prepared data: the LM's config and
 latest params, the vocab and text tokenizer its data was prepared with, and that data's image
-tokenizer (all found through ``config.json`` and the data's ``manifest.json``)."""
+tokenizer (all found through ``config.json`` and the data's ``manifest.json``); or from a
+directory `cm3jax convert chameleon` wrote, which holds all of them itself."""
 
 from __future__ import annotations
 
@@ -16,6 +17,28 @@ from cm3jax.data import prepare
 from cm3jax.lm import config as lm_config
 from cm3jax.model import transformer
 from cm3jax.sample.generate import Generator
+from cm3jax.vocab import Vocab
+
+# What `cm3jax convert chameleon` writes beside config.json and checkpoints/ (cm3jax.convert.converted)
+VOCAB_FILE, TOKENIZER_FILE, VQ_DIR = 'vocab.json', 'tokenizer.json', 'vqgan'
+
+
+def is_converted(directory: str | pathlib.Path) -> bool:
+    """Whether ``directory`` was written by `cm3jax convert` (it holds its own vocab and tokenizers)."""
+    return (pathlib.Path(directory) / VOCAB_FILE).is_file()
+
+
+def read_converted(directory: str | pathlib.Path):
+    """(config, vocab, text tokenizer, VQ params or None, VQ config or None) of a converted
+    directory; its params are read with `cm3jax.params.restore`."""
+    from cm3jax.text_tokenizer import TextTokenizer
+    from cm3jax.vq import load as vq_load
+    directory = pathlib.Path(directory)
+    config = ConfigDict(json.loads((directory / 'config.json').read_text()))
+    vocab = Vocab.from_dict(json.loads((directory / VOCAB_FILE).read_text()))
+    tok = TextTokenizer.load(directory / TOKENIZER_FILE)
+    vq_params, vq_cfg = vq_load.load_tokenizer(directory / VQ_DIR) if (directory / VQ_DIR).is_dir() else (None, None)
+    return config, vocab, tok, vq_params, vq_cfg
 
 
 def load_generator(workdir: str | pathlib.Path, mesh: jax.sharding.Mesh | None = None,
@@ -26,12 +49,16 @@ def load_generator(workdir: str | pathlib.Path, mesh: jax.sharding.Mesh | None =
     workdir = pathlib.Path(workdir)
     path = workdir / 'config.json'
     if not path.exists():
-        raise FileNotFoundError(f'{path} is missing: point --workdir at a `cm3jax train` run')
-    config = ConfigDict(json.loads(path.read_text()))
-    if not config.data.get('dir'):
-        raise ValueError(f'{workdir} trained on the synthetic task; sampling images needs a run on prepared '
-                         f'multimodal data (data.dir, the output of `cm3jax prepare`)')
-    _, vocab, tok, vq_params, vq_cfg = prepare.load_tokenizers(config.data.dir)
+        raise FileNotFoundError(f'{path} is missing: point --workdir at a `cm3jax train` run (or --checkpoint at '
+                                f'the output of `cm3jax convert chameleon`)')
+    if is_converted(workdir):  # released weights: the tokenizers sit in the directory
+        config, vocab, tok, vq_params, vq_cfg = read_converted(workdir)
+    else:
+        config = ConfigDict(json.loads(path.read_text()))
+        if not config.data.get('dir'):
+            raise ValueError(f'{workdir} trained on the synthetic task; sampling images needs a run on prepared '
+                             f'multimodal data (data.dir, the output of `cm3jax prepare`)')
+        _, vocab, tok, vq_params, vq_cfg = prepare.load_tokenizers(config.data.dir)
 
     mesh = mesh or parallel.create_mesh((1, -1, 1))
     rules = parallel.rules_from_config(config)
