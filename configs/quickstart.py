@@ -65,7 +65,8 @@ def get_config(arg: str = 'default') -> ConfigDict:
     config.sample = ConfigDict({
         'prompts': 16 if tiny else 256,      # captions per measured set (each accuracy's sample size)
         'num': 8,                            # samples per prompt; the best by CLIP score is the re-ranked one
-        # CFG 2 at temperature 1: the best single sample of the sweep (docs/quickstart.md)
+        # CFG 2, temperature 1: within a standard error of the sweep's best single sample, and
+        # better re-ranked (docs/quickstart.md, "Sampling")
         'cfg_scale': 1.5 if tiny else 2.0, 'temperature': 1.0, 'top_p': 0.9, 'top_k': 0,
         'mode': 'sample', 'cdk_k': 2, 'cdk_alpha': 0.5,
         'grid_prompts': 8,                   # rows of samples.png
