@@ -52,8 +52,8 @@ def hf_chameleon(vocab_map: dict[str, int], swin_norm: bool = False, seed: int =
     config = transformers.ChameleonConfig(
         vocab_size=len(vocab_map), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, vq_config=vq,
-        vocabulary_map=vocab_map, bos_token_id=vocab_map['<s>'], eos_token_id=vocab_map['</s>'],
-        pad_token_id=vocab_map['<pad>'], swin_norm=swin_norm, initializer_range=0.1, **overrides)
+        vocabulary_map=vocab_map, bos_token_id=vocab_map.get('<s>', 1), eos_token_id=vocab_map.get('</s>', 2),
+        pad_token_id=vocab_map.get('<pad>'), swin_norm=swin_norm, initializer_range=0.1, **overrides)
     torch.manual_seed(seed)
     model = transformers.ChameleonForConditionalGeneration(config).eval()
     with torch.no_grad():

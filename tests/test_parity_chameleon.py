@@ -20,6 +20,7 @@ from cm3jax import parallel  # noqa: E402
 from cm3jax.lm import config as lm_config  # noqa: E402
 from cm3jax.convert.chameleon import from_hf, model_fields_from_hf_config  # noqa: E402
 from cm3jax.model.transformer import Transformer  # noqa: E402
+from tests import chameleon_refs  # noqa: E402
 from tests.helpers import tiny_config  # noqa: E402
 
 N_TEXT, N_CODES = 64, 32
@@ -28,26 +29,10 @@ ATOL = 1e-4
 
 
 def hf_chameleon(swin_norm=False, **overrides):
-    """A tiny random HF Chameleon whose norms are not the identity (so a swapped or transposed
-    norm weight would show) and whose weights are large enough for peaked attention."""
-    code_name = lambda i: 'IMGIMG' + ''.join(chr(65 + int(d)) for d in str(i)) + 'Z'  # digits as A-J
+    """`chameleon_refs.hf_chameleon` over text ids 0..N_TEXT-1, an ``<image>`` id and N_CODES codes."""
     vocab_map = ({f't{i}': i for i in range(N_TEXT)} | {'<image>': N_TEXT}
-                 | {code_name(i): N_TEXT + 1 + i for i in range(N_CODES)})
-    vq = dict(embed_dim=16, num_embeddings=N_CODES, latent_channels=16, resolution=32, in_channels=3,
-              base_channels=32, channel_multiplier=[1, 1, 2], num_res_blocks=1, attn_resolutions=[],
-              double_latent=False)
-    hf_config = transformers.ChameleonConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, vq_config=vq,
-        vocabulary_map=vocab_map, bos_token_id=1, eos_token_id=2, swin_norm=swin_norm,
-        initializer_range=0.1, **overrides)
-    torch.manual_seed(0)
-    model = transformers.ChameleonForConditionalGeneration(hf_config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if 'norm' in name and 'vqmodel' not in name:
-                p.add_(0.2 * torch.randn_like(p))
-    return model
+                 | {chameleon_refs.code_name(i): N_TEXT + 1 + i for i in range(N_CODES)})
+    return chameleon_refs.hf_chameleon(vocab_map, swin_norm=swin_norm, **overrides)
 
 
 def state_dict(model):

@@ -140,15 +140,4 @@ def continue_document(gen: generate.Generator, segments: Sequence[str | np.ndarr
     _check(gen)
     prompt = document(gen, segments)
     out = generate._run(gen, [[prompt]], sample, rng if rng is not None else jax.random.key(0), max_new)
-    v, row = gen.vocab, out['tokens'][0, :out['lengths'][0]]
-    parts, r = [], (gen.vq_cfg.latent_resolution if gen.vq_cfg else 0)
-    for piece in np.split(row, np.flatnonzero(np.isin(row, (v.break_, v.end_image)))):
-        piece = piece[~np.isin(piece, (v.break_, v.end_image, v.eos))]
-        if not len(piece):
-            continue
-        if v.is_image(piece).all() and len(piece) == r * r:
-            parts.append(np.asarray(vq.decode(gen.vq_params, jnp.asarray(v.image_codes(piece)).reshape(1, r, r),
-                                              gen.vq_cfg))[0])
-        else:
-            parts.append(gen.text_tokenizer.decode_joint(piece, v, non_text='drop'))
-    return parts
+    return generate.segments_of(gen, out['tokens'][0, :out['lengths'][0]])

@@ -209,18 +209,23 @@ def continue_document(gen: Generator, segments: Sequence[documents.Segment], *, 
         raise ValueError('continue_document needs at least one segment to continue')
     prompt = documents.join(ids, is_image, v)
     out = _run(gen, [[prompt]], sample, rng if rng is not None else jax.random.key(0), max_new)
-    row = out['tokens'][0, :out['lengths'][0]]
-    parts, r = [], gen.vq_cfg.latent_resolution
-    marks = np.isin(row, (v.break_, v.end_image))
-    for piece in np.split(row, np.flatnonzero(marks)):
+    return segments_of(gen, out['tokens'][0, :out['lengths'][0]])
+
+
+def segments_of(gen: Generator, row: np.ndarray) -> list:
+    """Generated ids Int[N] -> the segments they spell: str, or uint8 images decoded by the
+    VQ-GAN (a whole image's codes between image marks); other ids are dropped."""
+    v = gen.vocab
+    parts, r = [], (gen.vq_cfg.latent_resolution if gen.vq_cfg else 0)
+    for piece in np.split(row, np.flatnonzero(np.isin(row, (v.break_, v.end_image)))):
         piece = piece[~np.isin(piece, (v.break_, v.end_image, v.eos))]
         if not len(piece):
             continue
-        if v.is_image(piece).all() and len(piece) == r * r:
+        if r and v.is_image(piece).all() and len(piece) == r * r:
             parts.append(np.asarray(vq.decode(gen.vq_params, jnp.asarray(v.image_codes(piece)).reshape(1, r, r),
                                               gen.vq_cfg))[0])
         else:
-            parts.append(gen.text_tokenizer.decode_joint(piece[v.is_text(piece)], v))
+            parts.append(gen.text_tokenizer.decode_joint(piece, v, non_text='drop'))
     return parts
 
 
