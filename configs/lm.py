@@ -73,6 +73,9 @@ def get_config(arg: str = 'tiny') -> ConfigDict:
     m.zero_init_out = True
     m.attention = 'xla'  # 'xla' | 'cudnn' (NVIDIA GPU) | 'splash' (TPU)
     m.scan_layers = True
+    # layers per scan iteration, params stacked either way; a tiny model unrolls them all, which
+    # spares XLA:CPU the loop's residual copies (~7% of a quickstart LM step)
+    m.scan_unroll = 8 if size == 'tiny' else 1
     m.remat = 'none' if size == 'tiny' else 'full'
     m.dtype = 'float32'  # compute dtype; params stay float32
     m.param_dtype = 'float32'

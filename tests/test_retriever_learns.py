@@ -23,7 +23,7 @@ def _rows(workdir):
 
 def test_tiny_retriever_learns_held_out_shapes_retrieval_and_reloads(tmp_path, repo):
     """The tiny preset through the command on one CPU device (no XLA_FLAGS: the command sees one
-    device, not conftest's eight; about five minutes on 2 cores). Recall on 256 unseen scenes of
+    device, not conftest's eight; about three minutes alone on 2 cores). Recall on 256 unseen scenes of
     1-2 objects (any scene the caption describes counts, see `train.EvalSet`) goes from the
     random encoder's at step 0 to >= 0.8 text->image; then the workdir reloads.
 

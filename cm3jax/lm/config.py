@@ -37,6 +37,8 @@ def validate(config, num_devices: int | None = None):
     for name in POSITIVE:
         if not m[name] > 0:
             raise ConfigError(f'model.{name}={m[name]} must be positive')
+    if not (isinstance(m.get('scan_unroll', 1), int) and m.get('scan_unroll', 1) >= 1):  # absent in older runs
+        raise ConfigError(f'model.scan_unroll={m.scan_unroll!r} must be an int >= 1 (layers per scan iteration)')
     for name, allowed in CHOICES.items():
         if m[name] not in allowed:
             raise ConfigError(f'model.{name}={m[name]!r} is unknown; choose one of {allowed}')

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from cm3jax.model.attention import attention
-from cm3jax.model.layers import Mlp, Norm, param, rope, trunc_normal
+from cm3jax.model.layers import Mlp, Norm, dense, param, rope, trunc_normal
 
 Cache = dict[str, Any]  # see init_cache
 
@@ -62,6 +62,7 @@ class TransformerConfig:
     zero_init_out: bool = True
     attention: str = 'xla'
     scan_layers: bool = True
+    scan_unroll: int = 1  # layers per iteration of the scan; num_layers: no loop, same stacked params
     remat: str = 'none'
     dtype: Any = jnp.float32  # compute dtype
     param_dtype: Any = jnp.float32
@@ -193,7 +194,7 @@ class Transformer(nn.Module):
         if cfg.scan_layers:
             stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
                             in_axes=(0,) + (nn.broadcast,) * len(ctx), length=cfg.num_layers,
-                            metadata_params={nn.PARTITION_NAME: 'layers'})(cfg, name='layers')
+                            unroll=min(cfg.scan_unroll, cfg.num_layers), metadata_params={nn.PARTITION_NAME: 'layers'})(cfg, name='layers')
             x, _ = stack(x, None, *ctx)
         else:
             for i in range(cfg.num_layers):
@@ -205,11 +206,11 @@ class Transformer(nn.Module):
 
         x = Norm(cfg.norm, cfg.norm_params, cfg.norm_eps, param_dtype=cfg.param_dtype, name='final_norm')(x)
         if cfg.tie_embeddings:
-            logits = jnp.einsum('btd,vd->btv', x, embed.astype(cfg.dtype), preferred_element_type=jnp.float32)
+            logits = dense(x, embed.astype(cfg.dtype).T, preferred_element_type=jnp.float32)
         else:
             head = param(self, 'lm_head', trunc_normal(cfg.init_std), (cfg.d_model, cfg.padded_vocab_size),
                          ('embed', 'vocab'), cfg.param_dtype)
-            logits = jnp.einsum('btd,dv->btv', x, head.astype(cfg.dtype), preferred_element_type=jnp.float32)
+            logits = dense(x, head.astype(cfg.dtype), preferred_element_type=jnp.float32)
         if cfg.padded_vocab_size > cfg.vocab_size:  # padding ids exist only for sharding
             valid = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
             logits = jnp.where(valid, logits, jnp.finfo(logits.dtype).min)
