@@ -2,7 +2,7 @@
 
 Every parameter carries logical axis names (``embed``, ``mlp``, ``heads``, ``kv``, ``vocab``,
 ``norm``) so that `cm3jax.parallel` can map them onto a mesh. Kernels are created with
-``self.param`` and applied with ``jnp.einsum`` rather than ``nn.DenseGeneral``: a 3-D logically
+``self.param`` and applied with ``jnp.einsum`` or `dense` rather than ``nn.DenseGeneral``: a 3-D logically
 partitioned DenseGeneral kernel breaks under an active mesh (docs/stack_notes.md, "3-D kernels").
 """
 
@@ -39,9 +39,11 @@ def dense(x: jax.Array, kernel: jax.Array, axes: int = 1, preferred_element_type
     """x [..., *K] times kernel [*K, *N] -> [..., *N], contracting x's last ``axes`` axes with the
     kernel's first ``axes``, as one 2-D matmul over the merged leading axes.
 
-    For the logits: as the einsum 'btd,vd->btv', the embedding's gradient (a contraction over
-    both b and t) made XLA:CPU copy the [B*T, V] logit gradient into another layout first, about
-    7% of a quickstart LM step; merging b and t is a free reshape on every backend."""
+    The MLP and the logits use it: as an einsum ('btd,df->btf'), the kernel's gradient (a
+    contraction over both b and t) made XLA:CPU copy the [B*T, F] output gradient into another
+    layout first, about 7% of a quickstart LM step each for the logits and the MLP; merging b
+    and t is a free reshape on every backend. (The [d, H, D] attention kernels measured no
+    faster this way and stay einsums.)"""
     lead, k_shape, n_shape = x.shape[:x.ndim - axes], kernel.shape[:axes], kernel.shape[axes:]
     if x.shape[x.ndim - axes:] != k_shape:
         raise ValueError(f'dense: x {x.shape} does not end in the kernel\'s input axes {k_shape}')
@@ -108,16 +110,16 @@ class Mlp(nn.Module):
         init = trunc_normal(self.init_std)
         out_init = nn.initializers.zeros if self.zero_init_out else init
         w_in = param(self, 'wi', init, (d, self.hidden_dim), ('embed', 'mlp'), self.param_dtype)
-        h = jnp.einsum('btd,df->btf', x, w_in.astype(self.dtype))
+        h = dense(x, w_in.astype(self.dtype))
         if self.kind == 'gelu':
             # exact GELU, as torch.nn.GELU() computes it
             h = nn.gelu(h, approximate=False)
         else:
             w_gate = param(self, 'wg', init, (d, self.hidden_dim), ('embed', 'mlp'), self.param_dtype)
-            h = nn.silu(jnp.einsum('btd,df->btf', x, w_gate.astype(self.dtype))) * h
+            h = nn.silu(dense(x, w_gate.astype(self.dtype))) * h
         h = nn.with_logical_constraint(h, ('act_batch', 'act_len', 'act_mlp'))
         w_out = param(self, 'wo', out_init, (self.hidden_dim, d), ('mlp', 'embed'), self.param_dtype)
-        return jnp.einsum('btf,fd->btd', h, w_out.astype(self.dtype))
+        return dense(h, w_out.astype(self.dtype))
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
