@@ -22,7 +22,7 @@ def _keep_to_own_cores():
     """Under `pytest -n N`, worker i (and the commands its tests start, which inherit this) runs on
     every N-th core from i. Each XLA process sizes its thread pool to the cores it may use; two
     pools contending for the same two cores spent about 8% more time in hand-offs than two pinned
-    ones did on the 2-core CI machine, and the suite's time is all compute."""
+    ones did on a 2-core machine, and the suite's time is all compute."""
     worker, count = os.environ.get('PYTEST_XDIST_WORKER', ''), os.environ.get('PYTEST_XDIST_WORKER_COUNT', '')
     if not (worker.startswith('gw') and count.isdigit()) or not hasattr(os, 'sched_setaffinity'):
         return
