@@ -45,7 +45,7 @@ def get_config(arg: str = 'tiny') -> ConfigDict:
             # Shapes are flat colours on grey: pixels in [0, 1] as they are, not OpenAI's photo statistics
             'image_mean': (0.0, 0.0, 0.0), 'image_std': (1.0, 1.0, 1.0),
             'dtype': 'float32', 'vocab_multiple': 128,
-            'unroll': 2,  # both layers in one loop body: XLA:CPU's scan residual copies cost ~10% a step
+            'scan_unroll': 2,  # both layers in one loop body: XLA:CPU's scan residual copies cost ~10% a step
         })
     else:  # ViT-B/32: the shapes of openai/clip-vit-base-patch32, so its converted weights load
         config.model = ConfigDict({
@@ -54,7 +54,7 @@ def get_config(arg: str = 'tiny') -> ConfigDict:
             'max_len': 77, 'text_width': 512, 'text_layers': 12, 'text_heads': 8, 'text_mlp_dim': 2048,
             'projection_dim': 512, 'activation': 'quick_gelu', 'logit_scale_init': math.log(1 / 0.07),
             'image_mean': OPENAI_MEAN, 'image_std': OPENAI_STD,
-            'dtype': 'float32', 'vocab_multiple': 128, 'unroll': 1,
+            'dtype': 'float32', 'vocab_multiple': 128, 'scan_unroll': 1,
         })
     # Text tokenizer: `file`, a tokenizer.json you bring (e.g. HF CLIP's, whose <|startoftext|> and
     # <|endoftext|> are used as CLIP uses them), or '' to train a byte-level BPE of `vocab_size` on

@@ -215,6 +215,19 @@ def test_config_validation():
         dataclasses.replace(TINY, image_mean=(0.5,))
     with pytest.raises(ValueError, match='eos_token_id=100 is outside'):
         dataclasses.replace(TINY, eos_token_id=100)
+    with pytest.raises(ValueError, match='scan_unroll=0 must be a positive int'):
+        dataclasses.replace(TINY, scan_unroll=0)
+
+
+def test_an_unrolled_scan_gives_the_same_embeddings(tiny_params):
+    """scan_unroll changes the loop, not the params' layout or the numbers."""
+    images = np.random.default_rng(0).integers(0, 256, (4, TINY.image_size, TINY.image_size, 3), np.uint8)
+    ids = np.full((4, 5), 7)
+    unrolled = dataclasses.replace(TINY, scan_unroll=TINY.vision_layers)
+    np.testing.assert_allclose(clip.embed_image(tiny_params, unrolled, images), clip.embed_image(tiny_params, TINY, images),
+                               atol=1e-6)
+    np.testing.assert_allclose(clip.embed_text(tiny_params, unrolled, ids), clip.embed_text(tiny_params, TINY, ids),
+                               atol=1e-6)
 
 
 def test_image_checks_and_uint8(tiny_params):

@@ -39,6 +39,7 @@ def test_preset_shapes_follow_the_paper():
     ('mesh.ici', (1, 1, 8), r'model.num_heads=4 is not divisible by the tensor-parallel size 8'),
     ('mesh.dcn', (1, 2), r'mesh.dcn=\(1, 2\) must have 3 entries'),
     ('loss.z_loss', -1.0, r'loss.z_loss=-1.0 must be >= 0'),
+    ('model.scan_unroll', 0, r'model.scan_unroll=0 must be an int >= 1'),
 ])
 def test_bad_configs_name_the_field(field, value, message):
     config = lm.get_config('tiny')

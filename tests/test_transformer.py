@@ -89,8 +89,9 @@ def test_scan_remat_and_unrolled_agree(variant):
     params = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(jax.random.key(1), x.shape), params)
     tokens = random_tokens(3, (2, 16), 500)
 
-    def loss_and_grads(scan, remat):
-        other = transformer.Transformer(dataclasses.replace(model.cfg, scan_layers=scan, remat=remat))
+    def loss_and_grads(scan, remat, unroll=1):
+        other = transformer.Transformer(dataclasses.replace(model.cfg, scan_layers=scan, remat=remat,
+                                                            scan_unroll=unroll))
         p = params if scan else _unstack_layers(params, model.cfg.num_layers)
         loss_fn = lambda p: cross_entropy(other.apply({'params': p}, tokens[:, :-1]), tokens[:, 1:])[0]
         loss, grads = jax.jit(jax.value_and_grad(loss_fn))(p)
@@ -100,8 +101,8 @@ def test_scan_remat_and_unrolled_agree(variant):
         return loss, grads
 
     ref_loss, ref_grads = loss_and_grads(True, 'none')
-    for scan, remat in [(True, 'full'), (False, 'dots_no_batch')]:
-        loss, grads = loss_and_grads(scan, remat)
+    for scan, remat, unroll in [(True, 'full', 1), (False, 'dots_no_batch', 1), (True, 'none', 8)]:
+        loss, grads = loss_and_grads(scan, remat, unroll)
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-6, err_msg=f'{scan} {remat}')
         for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
             np.testing.assert_allclose(g, r, atol=1e-6, err_msg=f'{scan} {remat} {path}')

@@ -82,12 +82,12 @@ class ClipConfig:
     activation: str = 'quick_gelu'  # 'quick_gelu' (OpenAI) | 'gelu' (exact erf)
     logit_scale_init: float = math.log(1 / 0.07)
     dtype: Any = jnp.float32  # compute dtype; LayerNorm, softmax and the outputs stay float32
-    unroll: int = 1  # encoder layers per scan iteration (the layer count: no loop)
+    scan_unroll: int = 1  # encoder layers per scan iteration, params stacked either way (as TransformerConfig's)
 
     def __post_init__(self):
         positive = ('vocab_size', 'max_len', 'text_width', 'text_layers', 'text_heads', 'text_mlp_dim',
                     'image_size', 'patch_size', 'vision_width', 'vision_layers', 'vision_heads',
-                    'vision_mlp_dim', 'image_channels', 'projection_dim', 'unroll')
+                    'vision_mlp_dim', 'image_channels', 'projection_dim', 'scan_unroll')
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -156,7 +156,7 @@ class TextTower(nn.Module):
         causal = jnp.tril(jnp.ones((t, t), bool))
         attend = causal[None, None] & mask[:, None, None, :]
         x = Encoder(cfg.text_layers, cfg.text_heads, cfg.text_mlp_dim, cfg.activation, cfg.norm_eps,
-                    cfg.dtype, cfg.unroll, name='encoder')(x, attend)
+                    cfg.dtype, cfg.scan_unroll, name='encoder')(x, attend)
         x = layer_norm(cfg.norm_eps, 'final_norm')(x)
         # transformers' two rules (module docstring): argmax(ids) for legacy eos 2, else the first eos
         if cfg.text_pooling == 'argmax':
@@ -193,7 +193,7 @@ class VisionTower(nn.Module):
         x = layer_norm(cfg.norm_eps, 'pre_norm')(x)
         everything = jnp.ones((1, 1, 1, 1), bool)
         x = Encoder(cfg.vision_layers, cfg.vision_heads, cfg.vision_mlp_dim, cfg.activation, cfg.norm_eps,
-                    cfg.dtype, cfg.unroll, name='encoder')(x, everything)
+                    cfg.dtype, cfg.scan_unroll, name='encoder')(x, everything)
         pooled = layer_norm(cfg.norm_eps, 'post_norm')(x[:, 0])
         proj = param(self, 'projection', normal(w**-0.5), (w, cfg.projection_dim),
                      ('embed', None), jnp.float32)

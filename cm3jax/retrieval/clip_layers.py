@@ -122,13 +122,13 @@ class Encoder(nn.Module):
     act: str
     eps: float
     dtype: Any = jnp.float32
-    unroll: int = 1  # layers per loop iteration: unrolling a shallow stack spares XLA:CPU the loop's residual copies
+    scan_unroll: int = 1  # layers per loop iteration: unrolling a shallow stack spares XLA:CPU the loop's residual copies
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
         """x: Float[B, T, W]; mask: Bool[B or 1, 1, T, T] -> Float[B, T, W]."""
         stack = nn.scan(Block, variable_axes={'params': 0}, split_rngs={'params': True},
-                        in_axes=(nn.broadcast,), length=self.layers, unroll=min(self.unroll, self.layers),
+                        in_axes=(nn.broadcast,), length=self.layers, unroll=min(self.scan_unroll, self.layers),
                         metadata_params={nn.PARTITION_NAME: 'layers'})
         x, _ = stack(self.heads, self.mlp_dim, self.act, self.eps, self.dtype, name='layers')(x, mask)
         return x
