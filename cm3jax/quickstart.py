@@ -153,7 +153,10 @@ def lm_config(config, out: pathlib.Path):
     from cm3jax.data import prepare
     lm = copy.deepcopy(config.lm)
     lm.seed = config.seed
-    lm.model.vocab_size = prepare.read_manifest(out / 'data')['vocab']['size']
+    vocab = prepare.read_manifest(out / 'data')['vocab']
+    lm.model.vocab_size = vocab['size']
+    if lm.model.image_positions:  # the data's image codes, found as vocab_size is
+        lm.model.image_ids = (vocab['image_offset'], vocab['image_offset'] + vocab['num_image_codes'])
     lm.data.update(dir=str(out / 'data'), eval_dir=str(out / 'eval'))
     lm.mesh = config.mesh
     return lm

@@ -77,6 +77,11 @@ def get_config(arg: str = 'tiny') -> ConfigDict:
     # spares XLA:CPU the loop's residual copies (~7% of a quickstart LM step)
     m.scan_unroll = 8 if size == 'tiny' else 1
     m.remat = 'none' if size == 'tiny' else 'full'
+    # a learned embedding of each image code's place in its image, added to its token's
+    # (cm3jax.model.transformer.image_index); 0 = off, as in CM3leon and Chameleon. When on,
+    # image_ids = [start, stop) of the data's image-code ids, and image_positions >= codes per image.
+    m.image_positions = 0
+    m.image_ids = (0, 0)
     m.dtype = 'float32'  # compute dtype; params stay float32
     m.param_dtype = 'float32'
 

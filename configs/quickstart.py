@@ -52,7 +52,7 @@ def get_config(arg: str = 'default') -> ConfigDict:
     # Stage 5, the LM: configs/lm.py:tiny, wider, with CM3, retrieval augmentation and caption dropout.
     config.lm = lm_configs.get_config('tiny')
     config.lm.model.update(num_layers=2, d_model=64 if tiny else 128, num_heads=4, mlp_dim=256 if tiny else 512,
-                           max_len=192)
+                           max_len=192, image_positions=64)  # 8x8 codes; their ids are set from the data
     if not tiny:  # RoPE and a 0.02 init, not CM3leon's learned positions at std 2e-4 (docs/quickstart.md, "Why")
         config.lm.model.update(position='rope', init_std=0.02)
     # Batch 32 for 1400 steps beats 64 for 700 at the same tokens, and 2800 steps beat 1400 by far

@@ -40,6 +40,8 @@ def test_preset_shapes_follow_the_paper():
     ('mesh.dcn', (1, 2), r'mesh.dcn=\(1, 2\) must have 3 entries'),
     ('loss.z_loss', -1.0, r'loss.z_loss=-1.0 must be >= 0'),
     ('model.scan_unroll', 0, r'model.scan_unroll=0 must be an int >= 1'),
+    ('model.image_positions', -1, r'model.image_positions=-1 must be an int >= 0'),
+    ('model.image_positions', 64, r'model.image_positions=64 needs model.image_ids=\(start, stop\)'),
 ])
 def test_bad_configs_name_the_field(field, value, message):
     config = lm.get_config('tiny')

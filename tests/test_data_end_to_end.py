@@ -7,10 +7,12 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 from PIL import Image
 
 from cm3jax import trainers
 from cm3jax.data import pipeline, prepare
+from cm3jax.errors import ConfigError
 from cm3jax.vocab import Vocab
 from cm3jax.vq import load
 from configs import data as data_configs
@@ -68,3 +70,13 @@ def test_shapes_prepare_pipeline_and_fifty_train_steps(tmp_path):
     assert grid.shape == (2 * 32, 3 * 32, 3)
     record = json.loads((tmp_path / 'lm' / 'samples' / 'samples.json').read_text())
     assert np.array(record['codes']).shape == (2, 3, 8, 8) and record['sample']['mode'] == 'mixed'
+
+    # Image places must name this data's image codes, and cover every code of an image
+    codes = (vocab.image_offset, vocab.image_offset + vocab.num_image_codes)
+    for places, ids, message in ((64, (codes[0] + 1, codes[1]), 'are not the image codes'),
+                                 (16, codes, 'fewer than the 64 codes')):
+        bad = tiny_config(image_positions=places, image_ids=ids)
+        bad.model.vocab_size = vocab.size
+        bad.data.update(dir=str(tmp_path / 'data'))
+        with pytest.raises(ConfigError, match=message):
+            trainers.train(bad, str(tmp_path / f'bad_{places}'))

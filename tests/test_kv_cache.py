@@ -13,12 +13,17 @@ from tests.helpers import build, forward, random_tokens, tiny_config
 NEW = 16  # decoded tokens
 
 
-@pytest.mark.parametrize('variant,padding', [('cm3leon', 'right'), ('chameleon', 'right'), ('chameleon', 'left')])
+@pytest.mark.parametrize('variant,padding', [('cm3leon', 'right'), ('chameleon', 'right'), ('chameleon', 'left'),
+                                             ('images', 'right'), ('images', 'left')])
 def test_cached_decode_matches_full_forward_on_ragged_prompts(variant, padding):
     """Rows with prompts of 3, 7 and 5 tokens share one padded batch; chameleon-tiny has GQA
-    (2 k/v heads for 4 query heads), QK-norm and RoPE."""
-    model, params, _, _ = build(tiny_config(variant))
-    assert variant == 'cm3leon' or model.cfg.num_kv_heads < model.cfg.num_heads
+    (2 k/v heads for 4 query heads), QK-norm and RoPE. 'images' adds image-place embeddings on
+    ids 100-499, so runs of image codes cross from the prompt into the decoded tokens (the
+    cache carries each row's place) and some outrun the table's 6 places."""
+    config = (tiny_config('cm3leon', image_positions=6, image_ids=(100, 500)) if variant == 'images'
+              else tiny_config(variant))
+    model, params, _, _ = build(config)
+    assert variant != 'chameleon' or model.cfg.num_kv_heads < model.cfg.num_heads
     lengths = [3, 7, 5]
     width = max(lengths)
     seqs = [random_tokens(10 + i, (n + NEW,), 500) for i, n in enumerate(lengths)]

@@ -166,3 +166,32 @@ def test_preset_parameter_counts():
         shapes = jax.eval_shape(transformer.Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
         count = parallel.num_params(shapes)
         assert 0.8 * size < count < 1.2 * size, (preset, count)
+
+
+def test_image_index_counts_places_within_each_run_of_codes():
+    """Codes are ids 10-19: a place restarts after any other token and at a segment start, and a
+    carried place continues a run begun before the chunk."""
+    tokens = jnp.array([[1, 10, 11, 12, 3, 15, 16, 17, 18, 2, 0],
+                        [12, 13, 14, 3, 11, 11, 12, 13, 14, 15, 16]])
+    segments = jnp.array([[1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 0],
+                          [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]])
+    got = transformer.image_index(tokens, segments, (10, 20))
+    np.testing.assert_array_equal(got, [[-1, 0, 1, 2, -1, 0, 1, 0, 1, -1, -1],
+                                        [0, 1, 2, -1, 0, 1, 2, 3, 4, 5, 6]])
+    carried = transformer.image_index(tokens, segments, (10, 20), carry=jnp.array([-1, 4]))
+    np.testing.assert_array_equal(carried[1], [5, 6, 7, -1, 0, 1, 2, 3, 4, 5, 6])
+    np.testing.assert_array_equal(carried[0], got[0])
+
+
+def test_image_place_embedding_reaches_only_image_codes():
+    """Zeroing the image-place table changes the logits at and after image codes, and none
+    before the first one (causal, and text embeddings do not get it)."""
+    config = tiny_config(image_positions=8, image_ids=(100, 200))
+    model, params, _, _ = build(config)
+    assert params['image_pos_embed'].shape == (8, model.cfg.d_model)
+    tokens = jnp.array([[5, 6, 7, 150, 151, 152, 9, 10]])
+    full = forward(model)
+    with_table = full(params, tokens)
+    without = full({**params, 'image_pos_embed': jnp.zeros_like(params['image_pos_embed'])}, tokens)
+    np.testing.assert_allclose(with_table[0, :3], without[0, :3], atol=1e-6)
+    assert float(jnp.abs(with_table[0, 3:] - without[0, 3:]).max()) > 1e-4

@@ -39,6 +39,12 @@ def validate(config, num_devices: int | None = None):
             raise ConfigError(f'model.{name}={m[name]} must be positive')
     if not (isinstance(m.get('scan_unroll', 1), int) and m.get('scan_unroll', 1) >= 1):  # absent in older runs
         raise ConfigError(f'model.scan_unroll={m.scan_unroll!r} must be an int >= 1 (layers per scan iteration)')
+    places, (lo, hi) = m.get('image_positions', 0), tuple(m.get('image_ids', (0, 0)))  # absent in older runs
+    if not (isinstance(places, int) and places >= 0):
+        raise ConfigError(f'model.image_positions={places!r} must be an int >= 0 (0 = off)')
+    if places and not 0 <= lo < hi <= m.vocab_size:
+        raise ConfigError(f'model.image_positions={places} needs model.image_ids=(start, stop), the image-code ids '
+                          f'within the vocab of {m.vocab_size}; got ({lo}, {hi})')
     for name, allowed in CHOICES.items():
         if m[name] not in allowed:
             raise ConfigError(f'model.{name}={m[name]!r} is unknown; choose one of {allowed}')
@@ -72,6 +78,8 @@ def transformer_config(config, mesh: Mesh, rules: parallel.Rules) -> Transformer
     """The model's static config, with the vocab padded to fit ``mesh``."""
     m = config.model
     fields = {f: m[f] for f in TransformerConfig.__dataclass_fields__ if f in m and f not in ('dtype', 'param_dtype')}
+    if 'image_ids' in fields:  # a list after a JSON round trip; the static config must hash
+        fields['image_ids'] = tuple(int(i) for i in fields['image_ids'])
     return TransformerConfig(**fields,
                              padded_vocab_size=parallel.padded_vocab_size(m.vocab_size, mesh, rules, m.vocab_multiple),
                              dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype))

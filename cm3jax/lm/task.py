@@ -9,6 +9,7 @@ answers.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -110,6 +111,16 @@ def build(env: Env) -> LM:
         if vocab.size > config.model.vocab_size:
             raise ConfigError(f'{d.dir} was prepared for a vocab of {vocab.size} ids but model.vocab_size is '
                               f'{config.model.vocab_size}: set --config.model.vocab_size={vocab.size}')
+        if cfg.image_positions:
+            manifest = prepare.read_manifest(d.dir)
+            codes = (vocab.image_offset, vocab.image_offset + vocab.num_image_codes)
+            if cfg.image_ids != codes:
+                raise ConfigError(f'model.image_ids={cfg.image_ids} are not the image codes of {d.dir}\'s vocab: '
+                                  f'set --config.model.image_ids="{codes}"')
+            per_image = math.prod(manifest['image_shape'])
+            if cfg.image_positions < per_image:
+                raise ConfigError(f'model.image_positions={cfg.image_positions} is fewer than the {per_image} codes '
+                                  f'of {d.dir}\'s images: set --config.model.image_positions={per_image}')
         if d.cm3_max_spans > len(vocab.sentinels):
             raise ConfigError(f'data.cm3_max_spans={d.cm3_max_spans} exceeds the {len(vocab.sentinels)} '
                               f'sentinels of {d.dir}\'s vocab: lower it (or prepare with more)')

@@ -63,6 +63,13 @@ class TransformerConfig:
     attention: str = 'xla'
     scan_layers: bool = True
     scan_unroll: int = 1  # layers per iteration of the scan; num_layers: no loop, same stacked params
+    # A learned embedding of each image code's place in its image (0 .. image_positions - 1),
+    # added to the code's token embedding, as DALL-E gives image tokens row and column
+    # embeddings: with a caption of any length before it, the code's row and column are then an
+    # input, not a count from the <break> the model must learn. 0 = off (CM3leon, Chameleon).
+    # image_ids: [start, stop) of the image-code ids that get it.
+    image_positions: int = 0
+    image_ids: tuple[int, int] = (0, 0)
     remat: str = 'none'
     dtype: Any = jnp.float32  # compute dtype
     param_dtype: Any = jnp.float32
@@ -78,6 +85,27 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
     starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
                               segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
     return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
+def image_index(tokens: jax.Array, segment_ids: jax.Array, image_ids: tuple[int, int],
+                carry: jax.Array | None = None) -> jax.Array:
+    """Int32[B, T]: each image code's place in its run of consecutive codes (0 = the first),
+    -1 on every other token. A run ends at any other token and at a segment start.
+
+    carry: Int32[B], the place of the token just before ``tokens[:, 0]`` in the same segment
+    (-1: none, or not an image code), so that a cached call continues an image begun earlier.
+    """
+    lo, hi = image_ids
+    is_image = (tokens >= lo) & (tokens < hi)
+    t = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+    starts = jnp.concatenate([jnp.zeros_like(segment_ids[:, :1], bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    # idx = t - (the last run boundary at or before t) - 1, a boundary sitting on each other
+    # token, just before a code that starts a segment, and (for a carried run) before the chunk
+    bound = jnp.where(~is_image, t, jnp.where(starts, t - 1, -(1 << 30)))
+    first = jnp.full(tokens.shape[:1], -1, jnp.int32) if carry is None else -carry - 2
+    last = jnp.maximum(first[:, None], jax.lax.cummax(bound, axis=1))
+    return jnp.where(is_image, t - last - 1, -1)
 
 
 def _lookup(table: jax.Array, ids: jax.Array, row_axis: str | None) -> jax.Array:
@@ -174,6 +202,13 @@ class Transformer(nn.Module):
             pos_embed = param(self, 'pos_embed', trunc_normal(cfg.pos_init_std), (cfg.max_len, cfg.d_model),
                               (None, 'embed'), cfg.param_dtype)
             x = x + _lookup(pos_embed, positions, None).astype(cfg.dtype)
+        if cfg.image_positions:
+            carry = None if cache is None else _image_carry(cache, segment_ids)
+            places = image_index(tokens, segment_ids, cfg.image_ids, carry)
+            image_embed = param(self, 'image_pos_embed', trunc_normal(cfg.init_std),
+                                (cfg.image_positions, cfg.d_model), (None, 'embed'), cfg.param_dtype)
+            looked_up = _lookup(image_embed, jnp.clip(places, 0, cfg.image_positions - 1), None)
+            x = x + jnp.where(places[..., None] >= 0, looked_up, 0).astype(cfg.dtype)
         x = nn.with_logical_constraint(x, ('act_batch', 'act_len', 'act_embed'))
 
         end = None
@@ -219,7 +254,19 @@ class Transformer(nn.Module):
             return logits
         new_cache = dict(k=new_k, v=new_v, segment_ids=kv_segment_ids, positions=kv_positions,
                          end=end + tokens.shape[1])
+        if cfg.image_positions:
+            new_cache['image_index'] = jax.lax.dynamic_update_slice_in_dim(cache['image_index'], places, end, axis=1)
         return logits, new_cache
+
+
+def _image_carry(cache: Cache, segment_ids: jax.Array) -> jax.Array:
+    """Int32[B]: the image place of each row's latest cached token of the chunk's first
+    segment (the one with the largest position), -1 when there is none."""
+    seg = cache['segment_ids']
+    same = (seg == segment_ids[:, :1]) & (seg != 0)
+    slot = jnp.argmax(jnp.where(same, cache['positions'], -1), axis=1)
+    place = jnp.take_along_axis(cache['image_index'], slot[:, None], axis=1)[:, 0]
+    return jnp.where(same.any(axis=1), place, -1)
 
 
 # --- the KV-cache path ---------------------------------------------------------------------
@@ -234,8 +281,9 @@ LAYER_CACHE_AXES = ('act_batch', 'act_kv_heads', None, None)  # k: [B, KV, D, S]
 
 def cache_axes(cfg: TransformerConfig) -> dict:
     """Logical axes of `init_cache`'s pytree, leaf for leaf (for ``parallel.shard_tree``)."""
-    return {'k': [LAYER_CACHE_AXES] * cfg.num_layers, 'v': [LAYER_CACHE_AXES] * cfg.num_layers,
+    axes = {'k': [LAYER_CACHE_AXES] * cfg.num_layers, 'v': [LAYER_CACHE_AXES] * cfg.num_layers,
             'segment_ids': ('act_batch', None), 'positions': ('act_batch', None), 'end': ()}
+    return axes | ({'image_index': ('act_batch', None)} if cfg.image_positions else {})
 
 
 def init_cache(cfg: TransformerConfig, batch: int, max_len: int, dtype=None) -> Cache:
@@ -244,7 +292,9 @@ def init_cache(cfg: TransformerConfig, batch: int, max_len: int, dtype=None) -> 
     k, v: lists of L arrays, one per layer, k [B, KV, D, S] and v [B, KV, S, D] (the layouts
     whose decode-step dots are plain matrix products; see `attention.cached_attention`), in
     ``dtype`` (default the compute dtype); segment_ids, positions: [B, S] int32 (0 = empty slot);
-    end: int32 scalar, the next slot written. `cache_axes` gives the logical axes for sharding it.
+    end: int32 scalar, the next slot written; with ``cfg.image_positions``, image_index:
+    [B, S] int32, each slot's place in its image (-1: not an image code; see `image_index`).
+    `cache_axes` gives the logical axes for sharding it.
     """
     if max_len > cfg.max_len and cfg.position == 'learned':
         raise ValueError(f'a cache of {max_len} slots exceeds model.max_len={cfg.max_len}; '
@@ -252,11 +302,14 @@ def init_cache(cfg: TransformerConfig, batch: int, max_len: int, dtype=None) -> 
     k_shape = (batch, cfg.num_kv_heads, cfg.head_dim, max_len)
     v_shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
     dtype = dtype or cfg.dtype
-    return {'k': [jnp.zeros(k_shape, dtype) for _ in range(cfg.num_layers)],
-            'v': [jnp.zeros(v_shape, dtype) for _ in range(cfg.num_layers)],
-            'segment_ids': jnp.zeros((batch, max_len), jnp.int32),
-            'positions': jnp.zeros((batch, max_len), jnp.int32),
-            'end': jnp.zeros((), jnp.int32)}
+    cache = {'k': [jnp.zeros(k_shape, dtype) for _ in range(cfg.num_layers)],
+             'v': [jnp.zeros(v_shape, dtype) for _ in range(cfg.num_layers)],
+             'segment_ids': jnp.zeros((batch, max_len), jnp.int32),
+             'positions': jnp.zeros((batch, max_len), jnp.int32),
+             'end': jnp.zeros((), jnp.int32)}
+    if cfg.image_positions:
+        cache['image_index'] = jnp.full((batch, max_len), -1, jnp.int32)
+    return cache
 
 
 def unrolled(model: Transformer, params) -> tuple[Transformer, Any]:
