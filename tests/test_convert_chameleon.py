@@ -193,3 +193,12 @@ def test_bad_checkpoints_are_named(pre, tmp_path):
     with pytest.raises(FileNotFoundError, match=r'vqgan\.ckpt has no vqgan\.yaml beside it'):
         converted.convert(src, tmp_path / 'c')
 
+
+
+def test_export_refuses_image_place_embeddings():
+    """HF Chameleon has no weight for them, so dropping them would export a different model."""
+    from cm3jax.convert import chameleon
+    from tests.helpers import build, tiny_config
+    model, params, _, _ = build(tiny_config('chameleon', image_positions=4, image_ids=(100, 200)))
+    with pytest.raises(ValueError, match='only models trained with model.image_positions=0 export'):
+        chameleon.to_hf(params, model.cfg, 512)

@@ -193,6 +193,9 @@ def from_hf(state_dict: Mapping[str, np.ndarray], cfg: TransformerConfig) -> dic
 def to_hf(params: Mapping[str, Any], cfg: TransformerConfig, vocab_size: int) -> dict[str, np.ndarray]:
     """The inverse of `from_hf`: cm3jax params -> ``ChameleonForConditionalGeneration`` state
     dict (float32 numpy, ``model.`` prefix, ``vocab_size`` rows: the padding is dropped)."""
+    if cfg.image_positions:
+        raise ValueError('this model has image-place embeddings (model.image_positions), which HF Chameleon has no '
+                         'weight for: only models trained with model.image_positions=0 export to HF')
     get = lambda x: np.asarray(jax.device_get(x), np.float32)  # noqa: E731
     d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     out = {'model.embed_tokens.weight': get(params['embed'])[:vocab_size],
