@@ -117,7 +117,7 @@ def build(env: Env) -> LM:
             if cfg.image_ids != codes:
                 raise ConfigError(f'model.image_ids={cfg.image_ids} are not the image codes of {d.dir}\'s vocab: '
                                   f'set --config.model.image_ids="{codes}"')
-            per_image = math.prod(manifest['image_shape'])
+            per_image = math.prod(manifest.get('image_shape') or (0,))  # text-only data has none
             if cfg.image_positions < per_image:
                 raise ConfigError(f'model.image_positions={cfg.image_positions} is fewer than the {per_image} codes '
                                   f'of {d.dir}\'s images: set --config.model.image_positions={per_image}')
