@@ -107,12 +107,12 @@ def build(env: Env) -> LM:
         env.say(f'data: synthetic {",".join(task.tasks)}; unigram entropy {entropy:.3f} nats')
         lm = LM(transformer.Transformer(cfg), None, lambda b: {'answer': b['answer']}, entropy)
     else:
-        vocab = Vocab.from_dict(prepare.read_manifest(d.dir)['vocab'])
+        manifest = prepare.read_manifest(d.dir)
+        vocab = Vocab.from_dict(manifest['vocab'])
         if vocab.size > config.model.vocab_size:
             raise ConfigError(f'{d.dir} was prepared for a vocab of {vocab.size} ids but model.vocab_size is '
                               f'{config.model.vocab_size}: set --config.model.vocab_size={vocab.size}')
         if cfg.image_positions:
-            manifest = prepare.read_manifest(d.dir)
             codes = (vocab.image_offset, vocab.image_offset + vocab.num_image_codes)
             if cfg.image_ids != codes:
                 raise ConfigError(f'model.image_ids={cfg.image_ids} are not the image codes of {d.dir}\'s vocab: '

@@ -103,7 +103,9 @@ def image_index(tokens: jax.Array, segment_ids: jax.Array, image_ids: tuple[int,
     # idx = t - (the last run boundary at or before t) - 1, a boundary sitting on each other
     # token, just before a code that starts a segment, and (for a carried run) before the chunk
     bound = jnp.where(~is_image, t, jnp.where(starts, t - 1, -(1 << 30)))
-    first = jnp.full(tokens.shape[:1], -1, jnp.int32) if carry is None else -carry - 2
+    if carry is None:
+        carry = jnp.full(tokens.shape[:1], -1, jnp.int32)
+    first = -carry - 2  # a boundary that puts the chunk's first code at carry + 1
     last = jnp.maximum(first[:, None], jax.lax.cummax(bound, axis=1))
     return jnp.where(is_image, t - last - 1, -1)
 
