@@ -71,6 +71,8 @@ _TOP_P = flags.DEFINE_float('top_p', 0.9, 'sample: nucleus mass.')
 _TOP_K = flags.DEFINE_integer('top_k', 0, 'sample: keep the k likeliest tokens (0 = off).')
 _CDK_K = flags.DEFINE_integer('cdk_k', 8, 'sample: CD-K\'s k (V_head is measured against the k-th likeliest).')
 _CDK_ALPHA = flags.DEFINE_float('cdk_alpha', 0.5, 'sample: CD-K\'s alpha (V_head keeps p >= alpha * the k-th).')
+_REPETITION = flags.DEFINE_float('repetition_penalty', 1.0, 'sample: CTRL\'s penalty on text tokens already in the '
+                                 'document (1 = off; captions are greedy; Chameleon weights sample text with Meta\'s 1.2).')
 _JUDGE = flags.DEFINE_bool('judge', False, 'sample: score the drawn images against their prompts, and the written '
                            'captions against their images, with the Shapes judge.')
 _SEED = flags.DEFINE_integer('seed', 0, 'sample: random seed.')
@@ -101,7 +103,11 @@ _STEP = flags.DEFINE_integer('step', None, 'sample, and train with --init_from: 
 _IMAGE_CFG = flags.DEFINE_float('image_cfg', 1.2, 'sample (Chameleon): the image-only stream\'s guidance scale.')
 _QUESTION = flags.DEFINE_string('question', 'What do you see in this image?', 'sample (Chameleon): what is asked '
                                 'about each --image (the chat turn after it).')
-_DEVICES = flags.DEFINE_integer('devices', None, 'aot: compile for this many devices (on CPU they are simulated).')
+_DEVICES = flags.DEFINE_integer('devices', None, 'aot: compile for this many devices (on CPU they are simulated); '
+                                'convert: the device count --mesh must multiply out to.')
+_CONVERT_MESH = flags.DEFINE_string('mesh', '(1,-1,1)', 'convert: the (data, fsdp, tensor) mesh the weights will '
+                                    'run on, recorded in DIR/config.json and checked against the model; aot: '
+                                    'the mesh to compile for (= --config.mesh.ici).')
 _END_OF_TURN = flags.DEFINE_bool('end_of_turn', True, 'sample (Chameleon): close the --question with the chat '
                                   'format\'s end-of-turn token <reserved08706>.')
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'sample: a directory `cm3jax convert chameleon` wrote (in place '
@@ -194,7 +200,8 @@ def _chameleon_sample(gen, images, where: pathlib.Path) -> None:
         print(f'{len(_PROMPT.value)} prompt(s) x {_NUM.value}: {where}/samples.png (a row per prompt)')
     if images:
         sample = dataclasses.replace(chameleon.TEXT, **{k: v for k, v in (
-            ('temperature', _TEMPERATURE.value), ('top_p', _TOP_P.value), ('top_k', _TOP_K.value)) if given(k)})
+            ('temperature', _TEMPERATURE.value), ('top_p', _TOP_P.value), ('top_k', _TOP_K.value),
+            ('repetition_penalty', _REPETITION.value)) if given(k)})
         written = chameleon.image_to_text(gen, np.stack(images), question=_QUESTION.value, sample=sample,
                                           end_of_turn=_END_OF_TURN.value, rng=jax.random.key(_SEED.value))
         record = [{'image': path, 'caption': text} for path, text in zip(_IMAGE.value, written)]
@@ -236,7 +243,9 @@ def _draw(gen, sample, where: pathlib.Path) -> None:
 def _caption(gen, images, where: pathlib.Path) -> None:
     import numpy as np
     from cm3jax.sample import generate
-    written = generate.image_to_text(gen, np.stack(images), form='continue')
+    from cm3jax.sample import decode
+    greedy = decode.SampleConfig(temperature=0.0, repetition_penalty=_REPETITION.value)
+    written = generate.image_to_text(gen, np.stack(images), form='continue', sample=greedy)
     record = [{'image': path, 'caption': text} for path, text in zip(_IMAGE.value, written)]
     if _JUDGE.value:
         from cm3jax.data.worlds import shapes_judge
@@ -257,8 +266,20 @@ def _convert(config) -> None:
     if _TO.value == 'hf':
         summary = converted.export_hf(_SRC.value, _DST.value, _STEP.value)
     else:
-        summary = converted.convert(_SRC.value, _DST.value, _LAYOUT.value, _DTYPE.value)
+        summary = converted.convert(_SRC.value, _DST.value, _LAYOUT.value, _DTYPE.value,
+                                    mesh=_mesh_flag(_CONVERT_MESH.value), devices=_DEVICES.value)
     print(json.dumps({k: v for k, v in summary.items() if k != 'hf_vq_config'}, indent=1))
+
+
+def _mesh_flag(text: str) -> tuple[int, ...]:
+    import ast
+    try:
+        shape = tuple(int(n) for n in ast.literal_eval(text))
+    except (ValueError, SyntaxError, TypeError):
+        raise ValueError(f'--mesh={text!r}: give the (data, fsdp, tensor) shape, e.g. --mesh="(1,-1,4)"') from None
+    if len(shape) != 3:
+        raise ValueError(f'--mesh={text!r}: give three sizes (data, fsdp, tensor), e.g. --mesh="(1,-1,4)"')
+    return shape
 
 
 def _aot(config) -> None:
@@ -274,6 +295,8 @@ def _aot(config) -> None:
         raise ValueError(f'--devices={n} but this backend has {len(devices)} ({devices[0].platform}); on a CPU the '
                          f'count is simulated, so run it there (JAX_PLATFORMS=cpu)')
     devices = devices[:n] if n else devices
+    if flags.FLAGS['mesh'].present:  # the same as --config.mesh.ici
+        config.mesh.ici = _mesh_flag(_CONVERT_MESH.value)
     print(aot.format_report(aot.compile_train_step(config, devices)))
     rows = max(len(devices), config.train.batch // config.train.microbatches // len(devices) * len(devices))
     print(aot.format_decode_report(aot.compile_decode_step(config, devices, batch=min(rows, len(devices) * 8))))
@@ -370,11 +393,22 @@ def _fail(command: str, message: str) -> None:
 
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl's parsing, plus one line for an unknown ``--config.FIELD`` (ml_collections raises a
-    bare KeyError, which absl would show as a chained traceback)."""
+    bare KeyError, which absl would show as a chained traceback) and for a preset that refuses
+    its argument (``configs/lm.py:nosuch``)."""
+    verbose = '--verbose' in argv or os.environ.get('CM3JAX_TRACEBACK')
     try:
-        return app.parse_flags_with_usage(argv)
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as e:
+            # a preset's own error (an unknown preset, a missing file) comes wrapped with the
+            # loader's traceback: say its last line, which is the preset's message
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            if verbose or 'Error whilst parsing config file' not in str(e):
+                return app.parse_flags_with_usage(argv)
+            spec = next((a for a in argv if a.startswith('--config=')), '--config')
+            _fail(argv[1] if len(argv) > 1 else '', f'{spec}: {lines[-1].partition(": ")[2] or lines[-1]}')
     except (KeyError, AttributeError) as e:
-        if '--verbose' in argv or os.environ.get('CM3JAX_TRACEBACK'):
+        if verbose:
             raise
         fields = [a[len('--config.'):].partition('=')[0] for a in argv if a.startswith('--config.')]
         _fail(argv[1] if len(argv) > 1 else '', unknown_field(_load_config(argv), fields) or str(e))

@@ -39,6 +39,8 @@ def get_config(arg: str = 'shapes') -> ConfigDict:
         'vocab_size': 512 if arg != 'folder' else 32_000,
         'train_documents': 5000,
     })
-    config.vocab = ConfigDict({'num_sentinels': 8})  # CM3's <mask:i>; data.cm3_max_spans <= this
+    # CM3's <mask:i>: data.cm3_max_spans <= num_sentinels. layout 'chameleon': the ids of a Chameleon
+    # tokenizer.json (text_tokenizer.path) as they are, for fine-tuning converted weights (docs/chameleon.md)
+    config.vocab = ConfigDict({'num_sentinels': 8, 'layout': 'cm3leon'})
     config.prepare = ConfigDict({'shard_size': 1024, 'batch': 64, 'progress': True})
     return config

@@ -13,18 +13,24 @@ Presets and their launch commands (override any field with ``--config.FIELD=VALU
                  cm3jax train --config=configs/lm.py:cm3leon_760m --workdir=DIR --config.mesh.ici="(1,-1,1)"
   cm3leon_7b     32 layers, d_model 4096, 32 heads, seq 4096; FSDP x tensor parallel.
                  cm3jax train --config=configs/lm.py:cm3leon_7b --workdir=DIR --config.mesh.ici="(1,-1,4)" --config.model.dtype=bfloat16
-  chameleon      Chameleon-7B: RMSNorm, SwiGLU (11008), RoPE, QK-norm, 65,536 ids, z-loss 1e-5.
+  chameleon      Chameleon-7B (also chameleon_7b): RMSNorm, SwiGLU (11008), RoPE, QK-norm, 65,536 ids, z-loss 1e-5.
                  cm3jax train --config=configs/lm.py:chameleon --workdir=DIR --config.mesh.ici="(1,-1,4)" --config.model.dtype=bfloat16
   chameleon_34b  Chameleon-34B: 48 layers, d_model 8192, 64 heads (8 kv heads), SwiGLU 22016, swin norm.
                  cm3jax aot --config=configs/lm.py:chameleon_34b --devices=256 --config.train.batch=256
+  converted=DIR  the config a `cm3jax convert chameleon` directory holds (its model's exact shape), to
+                 fine-tune it: cm3jax train --config=configs/lm.py:converted=DIR --init_from=DIR --workdir=RUN
+                 --config.data.dir=SHARDS (data prepared with DIR's tokenizer and vocab)
 """
+
+import json
+import pathlib
 
 from ml_collections import ConfigDict
 
 # CM3leon's joint vocabulary: 56,320 text ids (docs/paper.md, "Tokenizers") plus 8,192 image codes.
 CM3LEON_VOCAB = 56_320 + 8_192
 CHAMELEON_VOCAB = 65_536  # BPE that already holds the 8,192 image codes
-PEAK_LR = {'cm3leon_350m': 6e-4, 'cm3leon_760m': 5e-4, 'cm3leon_7b': 1.2e-4, 'chameleon': 1.2e-4,
+PEAK_LR = {'cm3leon_350m': 6e-4, 'cm3leon_760m': 5e-4, 'cm3leon_7b': 1.2e-4, 'chameleon': 1.2e-4, 'chameleon_7b': 1.2e-4,
            'chameleon_34b': 1.2e-4}  # 34B: the 7B's until a run says otherwise
 
 SIZES = {  # name: (num_layers, d_model, num_heads)
@@ -33,11 +39,14 @@ SIZES = {  # name: (num_layers, d_model, num_heads)
     'cm3leon_760m': (24, 1536, 16),
     'cm3leon_7b': (32, 4096, 32),
     'chameleon': (32, 4096, 32),
+    'chameleon_7b': (32, 4096, 32),
     'chameleon_34b': (48, 8192, 64),
 }
 
 
 def get_config(arg: str = 'tiny') -> ConfigDict:
+    if arg.startswith('converted='):
+        return converted(arg[len('converted='):])
     size, *modifiers = [part.strip() for part in arg.split(',')]
     if size not in SIZES:
         raise ValueError(f'unknown preset {size!r} in configs/lm.py:{arg}; choose from {sorted(SIZES)}')
@@ -92,6 +101,8 @@ def get_config(arg: str = 'tiny') -> ConfigDict:
     # AdamW and the schedule (docs/paper.md, "Training"; `cm3jax.train.optim.OptimConfig`).
     config.optim = ConfigDict({
         'learning_rate': 3e-3 if size == 'tiny' else PEAK_LR.get(size, 3e-4),
+        'name': 'adamw',          # or 'muon' on the attention and MLP matrices (cm3jax.train.optim)
+        'muon_beta': 0.95,
         'warmup_steps': 50 if size == 'tiny' else 1500,
         'schedule': 'linear',     # after warmup: constant | linear | cosine | exponential
         'decay_steps': 0,         # 0: decay until train.steps
@@ -144,6 +155,25 @@ def get_config(arg: str = 'tiny') -> ConfigDict:
     if size == 'chameleon_34b':  # the 34B's GQA, wider MLP and swin norm (docs/paper.md, "Chameleon")
         config.model.update(num_kv_heads=8, mlp_dim=22_016, norm_placement='swin')
     return config
+
+
+def converted(directory: str) -> ConfigDict:
+    """The LM config of a `cm3jax convert chameleon` directory (``DIR/config.json``), without its
+    record of the conversion; JSON lists become the tuples the presets hold."""
+    path = pathlib.Path(directory).expanduser() / 'config.json'
+    if not path.is_file():
+        raise ValueError(f'configs/lm.py:converted={directory}: {path} is missing; give a directory that '
+                         f'`cm3jax convert chameleon` wrote')
+    record = json.loads(path.read_text())
+    if record.get('task') != 'lm':
+        raise ValueError(f'{path} is not a language-model config (task={record.get("task")!r})')
+    record.pop('converted', None)
+
+    def tuples(x):
+        if isinstance(x, dict):
+            return {k: tuples(v) for k, v in x.items()}
+        return tuple(tuples(v) for v in x) if isinstance(x, list) else x
+    return ConfigDict(tuples(record))
 
 
 def apply_chameleon(config: ConfigDict, full_size: bool) -> None:

@@ -104,6 +104,8 @@ def test_unknown_config_fields_name_the_closest_ones():
     assert len(line) < 400
     done = damage.cli('config', '--config.modle.d_model=4')
     damage.refused(done, "no field 'modle.d_model'", 'model.d_model')
+    done = damage.cli('config', '--config=configs/lm.py:nosuch')
+    damage.refused(done, "--config=", "unknown preset 'nosuch'", 'choose from')
     done = damage.cli('config', '--config.model.num_layer=4', '--verbose')
     assert done.returncode != 0 and 'Traceback' in done.stderr and 'KeyError' in done.stderr
 

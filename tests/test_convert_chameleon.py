@@ -16,6 +16,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from cm3jax.errors import ConfigError  # noqa: E402
 from cm3jax.convert import chameleon_files, converted  # noqa: E402
 from cm3jax.sample import decode as dec, generate  # noqa: E402
 from cm3jax.sample.load import load_generator  # noqa: E402
@@ -162,6 +163,20 @@ def test_greedy_decoding_matches_transformers(pre):
     np.testing.assert_array_equal(got, want)
     assert v.is_image(got[:hw]).all() and got[hw] == VOCAB_MAP['<eoss>']
 
+    # Meta's repetition penalty (1.2 in Chameleon's text preset) is transformers' too
+    fn = dec.make_decoder(gen.model, vocab=v, image_tokens=hw, max_new=max_new,
+                          sample=dec.SampleConfig(temperature=0.0, repetition_penalty=1.2))
+    t0, s0 = generate.left_pad(rows[:1], v.pad)
+    r0, p0 = dec.initial_image_state(t0, s0, v, hw)
+    out = jax.device_get(fn(gen.params, jnp.asarray(t0), jnp.asarray(s0), jax.random.key(0), jnp.asarray(r0),
+                            jnp.asarray(p0)))
+    with torch.no_grad():
+        hf = model.generate(torch.from_numpy(rows[0][None]).long(), max_new_tokens=max_new, do_sample=False,
+                            suppress_tokens=never, pad_token_id=v.pad, repetition_penalty=1.2)[0, len(rows[0]):].numpy()
+    n = out['lengths'][0]
+    print('penalised:', out['tokens'][0, :n].tolist(), 'transformers:', hf.tolist())
+    np.testing.assert_array_equal(out['tokens'][0, :n], hf)
+
 
 def test_export_to_hf_round_trips_exactly(pre, tmp_path):
     model, gen, tokens, root = pre
@@ -192,6 +207,18 @@ def test_bad_checkpoints_are_named(pre, tmp_path):
     (src / 'vqgan.ckpt').write_bytes(b'')
     with pytest.raises(FileNotFoundError, match=r'vqgan\.ckpt has no vqgan\.yaml beside it'):
         converted.convert(src, tmp_path / 'c')
+
+
+def test_the_target_mesh_is_checked_and_recorded(pre, tmp_path):
+    _, _, _, root = pre
+    # 2 kv heads cannot split over a 4-way tensor axis: refused before anything is written
+    with pytest.raises(ConfigError, match=r'model\.num_kv_heads=2 is not divisible by the tensor-parallel size 4'):
+        converted.convert(root / 'hf', tmp_path / 'refused', mesh=(1, -1, 4))
+    assert not (tmp_path / 'refused').exists()
+    with pytest.raises(ConfigError, match=r'mesh\.ici=\(1, 2, 2\) has 4 devices but there are 8'):
+        converted.convert(root / 'hf', tmp_path / 'refused', mesh=(1, 2, 2), devices=8)
+    converted.convert(root / 'hf', tmp_path / 'ok', mesh=(1, -1, 2))
+    assert json.loads((tmp_path / 'ok' / 'config.json').read_text())['mesh']['ici'] == [1, -1, 2]
 
 
 

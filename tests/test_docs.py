@@ -61,6 +61,8 @@ def test_a_documented_command_parses(where, argv):
         name, _, value = arg[2:].partition('=')
         if name == 'config':
             path, _, preset = value.partition(':')
+            if preset.startswith('converted='):  # a converted directory's config is the chameleon preset, reshaped
+                preset = 'chameleon'
             module = importlib.import_module('configs.' + pathlib.Path(path).stem)
             config = module.get_config(preset) if preset else module.get_config()
         elif name.startswith('config.'):

@@ -5,10 +5,11 @@ Each trial starts the command, kills it with SIGKILL at a random point of the wo
 number of steps logged or shards written, plus a random part of one; for index building, which
 writes only at the end, at a random time), reruns it to the end and compares the result with an
 uninterrupted run's, byte for byte (checkpoints: parameter for parameter).
-The test runs one trial of saving and one of preparing, the two that resume (about a minute and
-a half of subprocesses on two cores); ``python -m tests.test_kill_trials N`` runs N, the three
-kinds in turn (index building starts over when rerun: its trial checks that nothing half-written
-survives).
+The suite runs ten kills: a chain per kind on one directory (four while saving, three while
+preparing, three while building the index), each rerun killed again at a new random moment of
+the work it has left, then one rerun to the end, compared with the uninterrupted result.
+``python -m tests.test_kill_trials N`` runs N separate trials, the three kinds in turn (index
+building starts over when rerun: its trials check that nothing half-written survives).
 """
 
 from __future__ import annotations
@@ -141,21 +142,28 @@ class Trials:
         self.timing[kind], _ = _run(argv)
         self.reference[kind] = _result(kind, where)
 
-    def trial(self, kind: str, n: int) -> dict:
-        """Kill at a random point of the work: after a random number of its units, plus a random
-        part of a unit (a save or a shard write in flight)."""
+    def _moment(self, kind: str, progress: Callable[[], int] | None, units: int) -> tuple[float, float]:
+        """A random point of the work left: (units done, or seconds without ``progress``; delay)."""
+        if progress is None:  # a warm compilation cache makes the rerun faster than the reference
+            return float(self.rng.uniform(0.1, 0.6)) * self.timing[kind], 0.0
+        done = progress()  # a step or a shard takes a few tenths of a second here
+        return int(self.rng.integers(done + 1, max(done + 2, units))), float(self.rng.uniform(0, 0.3))
+
+    def trial(self, kind: str, n: int, kills: int = 1) -> dict:
+        """Kill ``kills`` times in a row, each rerun at a random point of the work it has left:
+        after a random number of its units, plus a random part of a unit (a save or a shard
+        write in flight); then run to the end and compare."""
         self.ensure(kind)
         where = self._fresh(kind, f'trial-{kind}-{n}')
         argv, progress, units = _command(kind, self.root, where)
-        if progress is None:  # a warm compilation cache makes the rerun faster than the reference
-            at, delay = float(self.rng.uniform(0.1, 0.6)) * self.timing[kind], 0.0
-        else:  # a step or a shard takes a few tenths of a second here
-            at, delay = int(self.rng.integers(1, units)), float(self.rng.uniform(0, 0.3))
-        _, code = _run(argv, progress, at, delay)
+        moments = []
+        for _ in range(kills):
+            at, delay = self._moment(kind, progress, units)
+            _, code = _run(argv, progress, at, delay)
+            moments.append({'killed_at': round(at, 2), 'then_s': round(delay, 2), 'killed': code != 0})
         _run(argv)  # the same command again: resumes, or starts over where nothing is kept
         same = _result(kind, where) == self.reference[kind]
-        return {'kind': kind, 'killed_at': round(at, 2), 'then_s': round(delay, 2), 'killed': code != 0,
-                'same': same}
+        return {'kind': kind, 'kills': moments, 'killed': sum(m['killed'] for m in moments), 'same': same}
 
 
 @pytest.fixture(scope='module')
@@ -163,10 +171,11 @@ def trials(tmp_path_factory):
     return Trials(tmp_path_factory.mktemp('kill'))
 
 
-@pytest.mark.parametrize('kind', KINDS[:2])
-def test_kill_9_then_rerun_gives_the_uninterrupted_result(trials, kind):
-    result = trials.trial(kind, 0)
+@pytest.mark.parametrize('kind, kills', [('saving', 4), ('preparing', 3), ('index', 3)])
+def test_kill_9_then_rerun_gives_the_uninterrupted_result(trials, kind, kills):
+    result = trials.trial(kind, 0, kills)
     assert result['same'], result
+    assert result['killed'] >= 1, result  # at least one kill landed before the work was done
 
 
 def main(count: int) -> None:

@@ -7,10 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from optax.contrib import MuonDimensionNumbers
 
 from cm3jax import parallel
 from cm3jax.errors import ConfigError
 from cm3jax.lm import task as lm_task
+from cm3jax.model import transformer
 from cm3jax.data import synthetic
 from cm3jax.train import optim, state as state_lib, step as step_lib
 from cm3jax.train.loss import means, token_stats
@@ -61,6 +63,37 @@ def test_weight_decay_reaches_matrices_only():
     for step in (1, 2, 3):
         _, opt_state = jax.jit(opt.update)(zero_grads, opt_state, params)
         assert float(optim.current_learning_rate(opt_state)) == pytest.approx(float(optim.schedule(OPTIM)(step)))
+
+
+def test_muon_orthogonalises_the_hidden_matrices_and_leaves_the_rest_to_adamw():
+    _, params, _, _ = build(tiny_config('chameleon'))
+    dims = transformer.muon_dims(params)
+    assert dims['layers']['attn']['wq'] == MuonDimensionNumbers(1, (2, 3))   # [L, embed, heads, head_dim]
+    assert dims['layers']['attn']['wo'] == MuonDimensionNumbers((1, 2), 3)
+    assert dims['layers']['mlp']['wg'] == MuonDimensionNumbers(1, 2)
+    assert dims['embed'] is None and dims['lm_head'] is None and dims['layers']['attn']['q_norm']['scale'] is None
+
+    cfg = dataclasses.replace(OPTIM, name='muon', warmup_steps=0, weight_decay=0.0)
+    opt = optim.make_optimizer(cfg, muon_dims=transformer.muon_dims)
+    grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(x.size), x.shape), params)
+    updates, opt_state = jax.jit(opt.update)(grads, jax.jit(opt.init)(params), params)
+    assert float(optim.current_learning_rate(opt_state)) == pytest.approx(1e-2 - 9e-3 / 20)
+    # each layer's [embed, heads * head_dim] update is near-orthogonal: its singular values agree
+    # (five Newton-Schulz steps leave the smallest few of a square matrix behind)
+    def spread(m):
+        sv = np.linalg.svd(m.reshape(m.shape[0], -1), compute_uv=False)
+        return np.quantile(sv, 0.1) / sv.max()
+    for layer in np.asarray(updates['layers']['attn']['wq']):
+        assert spread(layer) > 0.5
+    assert spread(np.asarray(grads['layers']['attn']['wq'][0])) < 0.3  # a random gradient's spread far wider
+    # AdamW's first (Nesterov) step moves every entry of the embedding by the same amount, of the order of the rate
+    step = np.abs(np.asarray(updates['embed']))
+    assert 0.5 < step.mean() / (1e-2 - 9e-3 / 20) < 2 and step.std() < 0.01 * step.mean()
+
+    with pytest.raises(ConfigError, match='optim.name=muon'):
+        optim.make_optimizer(cfg)
+    with pytest.raises(ConfigError, match="optim.name='sgd'"):
+        dataclasses.replace(OPTIM, name='sgd').validate()
 
 
 def test_token_stats_split_groups_and_add_up():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 import shutil
 
@@ -45,6 +46,8 @@ def lm_config_for(source_config, dtype: str = 'float32') -> ConfigDict:
     config.model.param_dtype = dtype
     config.model.dtype = dtype
     config.mesh.ici = (1, -1, 1)  # what load_generator lays the params out on
+    # Chameleon's objective is plain next-token prediction: its vocab has no <mask> or sentinels
+    config.data.update(cm3_rate=0.0, cm3_max_spans=0, caption_dropout=0.0)
     return config
 
 
@@ -75,9 +78,16 @@ def _convert_vqgan(ckpt: pathlib.Path, yaml_path: pathlib.Path, dst: pathlib.Pat
     return dataclasses.asdict(cfg)
 
 
-def convert(src: str | pathlib.Path, dst: str | pathlib.Path, layout: str = 'hf', dtype: str = 'float32') -> dict:
+def convert(src: str | pathlib.Path, dst: str | pathlib.Path, layout: str = 'hf', dtype: str = 'float32',
+            mesh: tuple[int, int, int] = (1, -1, 1), devices: int | None = None) -> dict:
     """Convert the checkpoint in ``src`` (``layout`` 'hf' or 'meta') into ``dst``; returns a
-    summary. The language model streams tensor by tensor into ``dtype`` arrays."""
+    summary. The language model streams tensor by tensor into ``dtype`` arrays.
+
+    ``mesh``: the ('data', 'fsdp', 'tensor') shape the weights will run on, recorded as the
+    directory's ``mesh.ici`` (what `cm3jax train --config=configs/lm.py:converted=DIR` uses) and
+    checked against the model before anything is written: its heads must split over the tensor
+    axis, and with ``devices`` (the target's device count) the shape must multiply out to it.
+    The checkpoint holds whole arrays; restoring lays each out on whatever mesh reads it."""
     from cm3jax.text_tokenizer import TextTokenizer
     source = chameleon_files.read_source(src, layout)
     dst = pathlib.Path(dst)
@@ -89,9 +99,11 @@ def convert(src: str | pathlib.Path, dst: str | pathlib.Path, layout: str = 'hf'
         raise ConfigError(f'{source.tokenizer} has {vocab.size} ids but the model has {source.config.vocab_size} '
                           f'(vocab_size): use the tokenizer released with these weights')
     config = lm_config_for(source.config, dtype)
-    mesh = parallel.create_mesh((1, 1, 1), devices=jax.devices()[:1])  # vocab padding as on any 1-way tensor axis
-    cfg = lm_config.transformer_config(lm_config.validate(config, num_devices=1), mesh,
-                                       parallel.rules_from_config(config))
+    config.mesh.ici = tuple(int(n) for n in mesh)
+    target = devices or math.prod(n for n in config.mesh.ici if n != -1)  # a -1 takes whatever is left
+    lm_config.validate(config, num_devices=target)
+    one = parallel.create_mesh((1, 1, 1), devices=jax.devices()[:1])  # vocab padding as on any 1-way tensor axis
+    cfg = lm_config.transformer_config(config, one, parallel.rules_from_config(config))
     params = chameleon.from_hf(source.state_dict, cfg)
     dst.mkdir(parents=True, exist_ok=True)
     summary = {'from': str(src), 'layout': layout, 'parameters': int(sum(x.size for x in jax.tree.leaves(params)))}
@@ -116,10 +128,12 @@ def convert(src: str | pathlib.Path, dst: str | pathlib.Path, layout: str = 'hf'
 def export_hf(directory: str | pathlib.Path, dst: str | pathlib.Path, step: int | None = None) -> dict:
     """A converted directory (or a `cm3jax train` run fine-tuned from one) -> an HF folder that
     ``ChameleonForConditionalGeneration.from_pretrained`` loads: ``config.json``,
-    ``model.safetensors`` (float32) and ``tokenizer.json``."""
+    ``model.safetensors`` (float32) and ``tokenizer.json``. The VQ encoder is an HF source's
+    own tensors, or, from a Meta source, its VQ-GAN's encoder side with the ``vq_config`` it
+    implies (transformers holds no decoder)."""
     from safetensors.numpy import save_file
     directory, dst = pathlib.Path(directory), pathlib.Path(dst)
-    config, vocab, tok, *_ = read_converted(directory)
+    config, vocab, tok, vq_params, vq_cfg = read_converted(directory)
     mesh = parallel.create_mesh((1, 1, 1), devices=jax.devices()[:1])
     rules = parallel.rules_from_config(config)
     cfg = lm_config.transformer_config(config, mesh, rules)
@@ -128,14 +142,22 @@ def export_hf(directory: str | pathlib.Path, dst: str | pathlib.Path, step: int 
     params = params_lib.restore(directory, target, step)
     state = chameleon.to_hf(params, cfg, config.model.vocab_size)
     del params
-    if (directory / HF_VQ_FILE).is_file():
+    hf_vq = None
+    if (directory / HF_VQ_FILE).is_file():  # an HF source's own tensors, as they were
         from safetensors.numpy import load_file
         state.update(load_file(str(directory / HF_VQ_FILE)))
+    elif vq_params is not None:  # a Meta source: its vqgan.ckpt's encoder side, in HF's (= taming's) names
+        from cm3jax.convert import vqgan
+        hf_vq = vqgan.hf_vq_config(vq_cfg)
+        parts = ('encoder', 'quant_conv', 'post_quant_conv', 'quantize')
+        state.update({f'model.vqmodel.{k}': v for k, v in vqgan.to_torch(vq_params, parts).items()})
     dst.mkdir(parents=True, exist_ok=True)
     save_file(state, str(dst / 'model.safetensors'), metadata={'format': 'pt'})
     hf = hf_config_dict(config, vocab) | {'vocabulary_map': tok.tokenizer.get_vocab(with_added_tokens=True)}
     if config.get('converted', {}).get('hf_vq_config'):
         hf['vq_config'] = config.converted.hf_vq_config.to_dict()
+    elif hf_vq is not None:
+        hf['vq_config'] = hf_vq
     (dst / 'config.json').write_text(json.dumps(hf, indent=1))
     shutil.copyfile(directory / TOKENIZER_FILE, dst / TOKENIZER_FILE)
     return {'tensors': len(state), 'to': str(dst)}

@@ -1,4 +1,4 @@
-"""VQ-GAN weights from PyTorch layouts -> `cm3jax.vq.model.VQGAN` params.
+"""VQ-GAN weights from PyTorch layouts -> `cm3jax.vq.model.VQGAN` params, and back (`to_torch`).
 
 Layouts (``layout=``):
 - ``'taming'``: taming-transformers' ``VQModel`` (``encoder.*``, ``decoder.*``, ``quant_conv``,
@@ -96,6 +96,55 @@ def from_torch(state_dict: dict, cfg: VQConfig, layout: str = 'taming') -> dict:
             node = node.setdefault(key, {})
         node[target[-1]] = jnp.asarray(value)
     return params
+
+
+def _source_name(path: tuple[str, ...]) -> str:
+    """The inverse of `_target_name` for the taming layout:
+    ('encoder', 'down_0_block_1', 'conv1', 'kernel') -> 'encoder.down.0.block.1.conv1.weight'."""
+    if path == ('quantize', 'embedding'):
+        return 'quantize.embedding.weight'
+    *parts, leaf = path
+    out = []
+    for part in parts:
+        pieces = part.split('_')
+        if pieces[0] in ('down', 'up') and len(pieces) >= 3 and pieces[1].isdigit():
+            if pieces[2] in ('block', 'attn'):
+                out += [pieces[0], pieces[1], pieces[2], *pieces[3:]]
+            else:  # down_0_downsample -> down.0.downsample.conv
+                out += [pieces[0], pieces[1], '_'.join(pieces[2:]), 'conv']
+        elif pieces[0] == 'mid':  # mid_block_1 -> mid.block_1
+            out += ['mid', '_'.join(pieces[1:])]
+        else:
+            out.append(part)
+    return '.'.join(out + ['bias' if leaf == 'bias' else 'weight'])
+
+
+def to_torch(params: dict, parts: tuple[str, ...] = ('encoder', 'decoder', 'quant_conv', 'post_quant_conv',
+                                                     'quantize')) -> dict[str, np.ndarray]:
+    """`VQGAN` params -> a taming-layout state dict (numpy float32) of the top-level ``parts``
+    (transformers' ``ChameleonVQVAE`` holds all but the decoder). `from_torch` inverts it."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        path = tuple(getattr(k, 'key', k) for k in path)
+        if path[0] not in parts:
+            continue
+        value = np.asarray(leaf, np.float32)
+        if value.ndim == 4:    # HWIO -> OIHW
+            value = value.transpose(3, 2, 0, 1)
+        elif value.ndim == 2 and path[0] != 'quantize':  # a 1x1 conv kept as Dense [I, O] -> [O, I, 1, 1]
+            value = value.T[:, :, None, None]
+        out[_source_name(path)] = np.ascontiguousarray(value)
+    return out
+
+
+def hf_vq_config(cfg: VQConfig) -> dict:
+    """VQConfig -> transformers' ``ChameleonVQVAEConfig`` fields (`config_from_hf` inverts it)."""
+    if cfg.local_encoder or cfg.l2_normalize:
+        raise ValueError('this tokenizer (local_encoder / l2_normalize) has no transformers ChameleonVQVAE equivalent')
+    return {'embed_dim': cfg.embed_dim, 'num_embeddings': cfg.num_codes, 'double_latent': False,
+            'latent_channels': cfg.z_channels, 'resolution': cfg.resolution, 'in_channels': cfg.in_channels,
+            'base_channels': cfg.ch, 'channel_multiplier': list(cfg.ch_mult), 'num_res_blocks': cfg.num_res_blocks,
+            'attn_resolutions': list(cfg.attn_resolutions), 'dropout': 0.0, 'attn_type': 'vanilla'}
 
 
 def config_from_taming(ddconfig: dict, n_embed: int, embed_dim: int) -> VQConfig:

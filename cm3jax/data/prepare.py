@@ -266,6 +266,24 @@ def train_text_tokenizer(source, vocab_size: int, documents: int, path: str | pa
     return tok
 
 
+def _vocab(config, tok, vq_cfg) -> Vocab:
+    """The joint vocab: CM3leon's (text, image codes, specials, sentinels), or with
+    ``vocab.layout='chameleon'`` the Chameleon tokenizer's own ids (no mask, no sentinels)."""
+    layout = config.vocab.get('layout', 'cm3leon')
+    if layout == 'cm3leon':
+        return Vocab.build(tok.num_text, vq_cfg.num_codes, config.vocab.num_sentinels)
+    if layout != 'chameleon':
+        raise ConfigError(f"vocab.layout={layout!r}; choose 'cm3leon' or 'chameleon'")
+    if not config.text_tokenizer.path:
+        raise ConfigError('vocab.layout=chameleon needs --config.text_tokenizer.path=DIR/tokenizer.json, the '
+                          'tokenizer of the converted weights')
+    vocab = Vocab.chameleon(vocabulary_map=tok.tokenizer.get_vocab(with_added_tokens=True))
+    if vocab.num_image_codes != vq_cfg.num_codes:
+        raise ConfigError(f'{config.text_tokenizer.path} has {vocab.num_image_codes} image codes but the image '
+                          f'tokenizer in {config.vq_workdir} has {vq_cfg.num_codes}: use the converted DIR/vqgan')
+    return vocab
+
+
 def run(config) -> dict:
     """`cm3jax prepare --config=configs/data.py:shapes --config.out=DIR --config.vq_workdir=DIR`:
     the source, the text tokenizer (``text_tokenizer.path``, else a BPE trained on the source's
@@ -290,7 +308,7 @@ def run(config) -> dict:
         tok = text_tokenizer.TextTokenizer.load(saved)
     else:
         tok = train_text_tokenizer(sources.make_source(config.source), tc.vocab_size, tc.train_documents, saved)
-    vocab = Vocab.build(tok.num_text, vq_cfg.num_codes, config.vocab.num_sentinels)
+    vocab = _vocab(config, tok, vq_cfg)
     tqdm.write(f'vocab: {vocab.size} ids ({tok.num_text} text, {vocab.num_image_codes} image codes, '
                f'{len(vocab.special_ids)} specials); set model.vocab_size={vocab.size} to train on it')
     return prepare(sources.make_source(config.source), out, vocab=vocab, text_tokenizer=tok, vq_params=vq_params,

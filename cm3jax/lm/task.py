@@ -208,4 +208,4 @@ def task(config) -> Task:
     """The LM for `cm3jax.train.run.run` (``config.task == 'lm'``; configs/lm.py)."""
     del config  # everything is read from env.config once the mesh exists
     return Task(name='lm', build=build, init=init, train_data=train_data, loss=loss, evals=evals,
-                summary=summary, throughput=throughput)
+                summary=summary, throughput=throughput, muon_dims=transformer.muon_dims)

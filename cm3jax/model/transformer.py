@@ -314,6 +314,26 @@ def init_cache(cfg: TransformerConfig, batch: int, max_len: int, dtype=None) -> 
     return cache
 
 
+def muon_dims(params) -> Any:
+    """The weights Muon trains as matrices (``optim.name='muon'``), as
+    `optax.contrib.MuonDimensionNumbers` (None elsewhere): each projection's input axes against
+    its output axes, with a scanned stack's layer axis (and any other leading axis) batched.
+    Embeddings, the output head and norm gains stay on AdamW."""
+    from optax.contrib import MuonDimensionNumbers as Dims
+
+    def dims(path, x):
+        names = [getattr(k, 'key', getattr(k, 'name', '')) for k in path]
+        n, name = x.ndim, names[-1]
+        if 'attn' in names and name in ('wq', 'wk', 'wv'):  # [..., embed, heads, head_dim]
+            return Dims(n - 3, (n - 2, n - 1))
+        if 'attn' in names and name == 'wo':                 # [..., heads, head_dim, embed]
+            return Dims((n - 3, n - 2), n - 1)
+        if 'mlp' in names and name in ('wi', 'wg', 'wo'):    # [..., in, out]
+            return Dims(n - 2, n - 1)
+        return None
+    return jax.tree_util.tree_map_with_path(dims, params)
+
+
 def unrolled(model: Transformer, params) -> tuple[Transformer, Any]:
     """(model, params) with the layer stack unrolled: ``layers`` [L, ...] becomes ``layers_0`` ..
     ``layers_{L-1}``, and no remat (decoding keeps no activations). The cached calls need this

@@ -9,8 +9,8 @@ An image prompt is guided by three streams (`decode`'s order): the full prompt, 
 ``<s> <racm3:break>``, and the image-only one (the prompt with its text removed: only ``<s>``,
 image codes and the begin/end-of-image tokens stay), combined by `logits.cfg3` with Chameleon's
 text scale 3.0 and image scale 1.2 at temperature 0.7 and top-p 0.9 (`IMAGE`). Text is drawn at
-temperature 0.7 and top-p 0.9 (`TEXT`; Meta also applies a repetition penalty of 1.2, which
-cm3jax does not implement). Anole-7B uses the same formats; Chameleon-7B's released weights were
+temperature 0.7 and top-p 0.9 with Meta's repetition penalty of 1.2 on text tokens (`TEXT`).
+Anole-7B uses the same formats; Chameleon-7B's released weights were
 tuned not to draw images, so its images are noise.
 """
 
@@ -27,7 +27,7 @@ from cm3jax.sample import decode as dec, generate
 from cm3jax.vq import model as vq
 
 IMAGE = dec.SampleConfig(temperature=0.7, top_p=0.9, cfg_scale=3.0, image_cfg_scale=1.2)
-TEXT = dec.SampleConfig(temperature=0.7, top_p=0.9)
+TEXT = dec.SampleConfig(temperature=0.7, top_p=0.9, repetition_penalty=1.2)
 END_OF_TURN = '<reserved08706>'  # Meta's <END-OF-TURN> sentinel: closes a user turn in chat prompts
 
 

@@ -53,6 +53,8 @@ class SampleConfig:
       unconditional stream (or a second model, `decode`).
     cdk_expert: 'conditional' (the paper's: the conditional stream alone) or 'guided' (the
       CFG-mixed distribution).
+    repetition_penalty: `logits.repetition_penalty` on text tokens (not image codes), over
+      every id of the prompt and of what was generated; 1 = off (Chameleon's text preset: 1.2).
     """
     temperature: float = 1.0
     top_k: int = 0
@@ -64,8 +66,11 @@ class SampleConfig:
     cdk_alpha: float = 0.5
     cdk_fraction: float = 0.5
     cdk_expert: str = 'conditional'
+    repetition_penalty: float = 1.0
 
     def __post_init__(self):
+        if self.repetition_penalty <= 0:
+            raise ValueError(f'repetition_penalty={self.repetition_penalty} must be > 0 (1 = off)')
         if self.cdk_expert not in CDK_EXPERTS:
             raise ValueError(f'cdk_expert={self.cdk_expert!r}; choose from {CDK_EXPERTS}')
         if self.mode not in MODES:
@@ -86,7 +91,8 @@ class DecodeState:
     latest logits Float[S * B, V]; small_cache / small_last: the amateur model's (None without
     one); tokens: Int32[B, max_new], ``<pad>`` where nothing was generated; done: Bool[B];
     remaining: Int32[B], image codes the row still owes; pending: Bool[B], a finished image
-    awaiting its closing ``vocab.end_image``; lengths: Int32[B], tokens generated per row; key: the RNG.
+    awaiting its closing ``vocab.end_image``; lengths: Int32[B], tokens generated per row;
+    seen: Bool[B, V], the ids in each row so far (None without a repetition penalty); key: the RNG.
     """
     step: jax.Array
     cache: Any
@@ -98,6 +104,7 @@ class DecodeState:
     remaining: jax.Array
     pending: jax.Array
     lengths: jax.Array
+    seen: Any
     key: jax.Array
 
 
@@ -170,8 +177,17 @@ def decode(model: transformer.Transformer, params, prompts: jax.Array, segment_i
     end_ok = jnp.zeros(v, bool).at[vocab.end_image].set(True)
     cdk_rows = jnp.arange(b) < {'sample': 0, 'cdk': b, 'mixed': round(sample.cdk_fraction * b)}[sample.mode]
 
-    def choose(last, small_last, remaining, pending, key):
+    penalise = sample.repetition_penalty != 1
+    seen = None
+    if penalise:  # the conditional rows' prompts (their padding excluded)
+        seen = jnp.zeros((b, v), bool).at[jnp.arange(b)[:, None], jnp.minimum(prompts[:b], v - 1)].max(
+            segment_ids[:b] > 0)
+
+    def choose(last, small_last, remaining, pending, seen, key):
         s = last.reshape(streams, b, v)
+        if penalise:  # on text steps only, as Meta's inference does
+            text_step = ((remaining == 0) & ~pending)[:, None]
+            s = jnp.where(text_step, lp.repetition_penalty(s, seen, sample.repetition_penalty), s)
         if streams == 1:
             guided = lp.log_probs(s[0])
         elif streams == 2:
@@ -191,7 +207,8 @@ def decode(model: transformer.Transformer, params, prompts: jax.Array, segment_i
 
     def body(st: DecodeState) -> DecodeState:
         key, step_key = jax.random.split(st.key)
-        token = jnp.where(st.done, vocab.pad, choose(st.last, st.small_last, st.remaining, st.pending, step_key))
+        token = jnp.where(st.done, vocab.pad, choose(st.last, st.small_last, st.remaining, st.pending, st.seen,
+                                                      step_key))
         in_image = st.remaining > 0
         opens_image = (token == vocab.break_) & ~st.pending  # a forced CM3leon <break> closes an image instead
         remaining = jnp.where(st.done, st.remaining, jnp.where(in_image, st.remaining - 1,
@@ -205,7 +222,8 @@ def decode(model: transformer.Transformer, params, prompts: jax.Array, segment_i
             small_last, small_cache = transformer.decode_step(amateur, amateur_params, small_cache, token)
         return DecodeState(step=st.step + 1, cache=cache, last=last, small_cache=small_cache, small_last=small_last,
                            tokens=st.tokens.at[:, st.step].set(token), done=done, remaining=remaining,
-                           pending=pending, lengths=st.lengths + (~st.done), key=key)
+                           pending=pending, lengths=st.lengths + (~st.done), key=key,
+                           seen=None if st.seen is None else st.seen.at[jnp.arange(b), token].set(True))
 
     def more(st: DecodeState) -> jax.Array:
         return (st.step < max_new) & ~st.done.all()
@@ -213,7 +231,7 @@ def decode(model: transformer.Transformer, params, prompts: jax.Array, segment_i
     start = DecodeState(step=jnp.int32(0), cache=cache, last=last, small_cache=small_cache, small_last=small_last,
                         tokens=jnp.full((b, max_new), vocab.pad, jnp.int32), done=jnp.zeros(b, bool),
                         remaining=remaining.astype(jnp.int32), pending=pending_break.astype(bool),
-                        lengths=jnp.zeros(b, jnp.int32), key=rng)
+                        lengths=jnp.zeros(b, jnp.int32), seen=seen, key=rng)
     end = jax.lax.while_loop(more, body, start)
     return {'tokens': end.tokens, 'lengths': end.lengths, 'done': end.done}
 

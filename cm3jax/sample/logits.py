@@ -24,6 +24,15 @@ def temperature(logits: jax.Array, t: float | jax.Array) -> jax.Array:
     return logits / jnp.maximum(t, 1e-6)
 
 
+def repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float | jax.Array) -> jax.Array:
+    """CTRL's repetition penalty (Keskar et al. 2019; Meta's Chameleon inference and
+    transformers apply it so): the logit of every id already in the row (``seen``: Bool[b, v])
+    is divided by ``penalty`` where positive and multiplied by it where negative; 1 = off."""
+    if isinstance(penalty, (int, float)) and penalty == 1:
+        return logits
+    return jnp.where(seen, jnp.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
 def top_k(logits: jax.Array, k: int) -> jax.Array:
     """Keep the k largest per row (ties at the k-th value are kept); k = 0 keeps all."""
     if not k:

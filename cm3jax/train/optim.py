@@ -1,7 +1,12 @@
-"""AdamW and learning-rate schedules from config (docs/paper.md, "Training").
+"""AdamW (or Muon) and learning-rate schedules from config (docs/paper.md, "Training").
 
 Defaults follow the paper: betas (0.9, 0.95), eps 1e-8 (Chameleon: 1e-5), weight decay 0.1 on
 matrices only, global-norm clip 1.0, linear warmup then linear decay.
+
+``optim.name='muon'``: the hidden matrices (attention and MLP weights; a task says which through
+its ``muon_dims``) take Muon's orthogonalised momentum, scaled to AdamW's update size
+(``consistent_rms=0.2``, Liu et al. 2025), so the same learning rate and weight decay carry
+over; embeddings, the output head and vectors stay on AdamW (docs/training.md, "Muon").
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import optax
 from cm3jax.errors import ConfigError
 
 SCHEDULES = ('constant', 'linear', 'cosine', 'exponential')
+OPTIMIZERS = ('adamw', 'muon')
 NO_DECAY_NAMES = ('bias', 'scale')  # norm gains and biases: vectors even when stacked per layer
 
 
@@ -21,6 +27,8 @@ NO_DECAY_NAMES = ('bias', 'scale')  # norm gains and biases: vectors even when s
 class OptimConfig:
     """Static optimizer settings; `from_config` reads them from ``config.optim``."""
     learning_rate: float = 3e-4
+    name: str = 'adamw'            # one of OPTIMIZERS
+    muon_beta: float = 0.95        # Muon's (Nesterov) momentum
     warmup_steps: int = 0
     schedule: str = 'linear'       # decay after warmup: one of SCHEDULES
     decay_steps: int = 0           # steps of decay after warmup
@@ -42,6 +50,10 @@ class OptimConfig:
         return out
 
     def validate(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ConfigError(f'optim.name={self.name!r} is unknown; choose one of {OPTIMIZERS}')
+        if not 0 <= self.muon_beta < 1:
+            raise ConfigError(f'optim.muon_beta={self.muon_beta} must be in [0, 1)')
         if self.schedule not in SCHEDULES:
             raise ConfigError(f'optim.schedule={self.schedule!r} is unknown; choose one of {SCHEDULES}')
         if self.learning_rate <= 0:
@@ -88,9 +100,11 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
-def make_optimizer(cfg: OptimConfig, mask=decay_mask) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimConfig, mask=decay_mask, muon_dims=None) -> optax.GradientTransformation:
     """clip(global norm) -> AdamW with ``mask`` (a pytree of bools or a function of params)
-    choosing which parameters decay.
+    choosing which parameters decay; or, with ``cfg.name == 'muon'``, Muon on the matrices
+    ``muon_dims(params)`` gives `optax.contrib.MuonDimensionNumbers` for (None elsewhere: those
+    take AdamW, undecayed).
 
     Update ``n`` (optax counts from 0) uses ``schedule(cfg)(n + 1)``, so the first step does
     not get a zero rate from the warmup and the last step gets the decay's end value. Only the
@@ -99,6 +113,17 @@ def make_optimizer(cfg: OptimConfig, mask=decay_mask) -> optax.GradientTransform
     """
     clip = optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity()
     rate = schedule(cfg)
+    if cfg.name == 'muon':
+        if muon_dims is None:
+            raise ConfigError('optim.name=muon: this task does not say which of its weights are matrices for '
+                              'Muon; use optim.name=adamw')
+        static = ('muon_weight_dimension_numbers', 'weight_decay_mask', 'beta', 'eps', 'weight_decay',
+                  'adam_b1', 'adam_b2', 'consistent_rms')
+        muon = optax.inject_hyperparams(optax.contrib.muon, static_args=static)(
+            learning_rate=lambda count: rate(count + 1), beta=cfg.muon_beta, eps=cfg.eps,
+            weight_decay=cfg.weight_decay, weight_decay_mask=mask, adam_b1=cfg.b1, adam_b2=cfg.b2,
+            consistent_rms=0.2, muon_weight_dimension_numbers=muon_dims)
+        return optax.chain(clip, muon)
     adamw = optax.inject_hyperparams(optax.adamw, static_args=('mask', 'b1', 'b2', 'eps', 'weight_decay'))(
         learning_rate=lambda count: rate(count + 1), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
         weight_decay=cfg.weight_decay, mask=mask)

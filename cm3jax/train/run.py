@@ -103,6 +103,8 @@ class Task:
     batch_axes: logical names of a batch leaf's leading axes.
     throughput(env) -> (tokens per step, model FLOPs per step); FLOPs > 0 turns MFU on.
     decay_mask(params) -> which parameters weight decay applies to.
+    muon_dims(params) -> `optax.contrib.MuonDimensionNumbers` of the matrices Muon may train
+      (None elsewhere); None: the task cannot use ``optim.name='muon'``.
     init_from(env, path, target, step) -> params for a fresh run started from ``path`` (its
       checkpoint ``step``; None: the latest).
     """
@@ -119,6 +121,7 @@ class Task:
     batch_axes: tuple[str | None, ...] = ('act_batch', 'act_len')
     throughput: Callable[[Env], tuple[int, float]] = _per_step
     decay_mask: Callable[[Any], Any] = optim.decay_mask
+    muon_dims: Callable[[Any], Any] | None = None
     init_from: Callable[[Env, str, Any, int | None], Any] = _restore
 
     def __post_init__(self):
@@ -187,7 +190,8 @@ def _run(config, workdir: pathlib.Path, task: Task, init_from: str | None, init_
     data = GlobalBatches(task.train_data(env), env)
 
     # ---- State: resume this run, else start from another's params, else init ----
-    optimizer = optim.make_optimizer(optim.OptimConfig.from_config(config.optim, t.steps), mask=task.decay_mask)
+    optimizer = optim.make_optimizer(optim.OptimConfig.from_config(config.optim, t.steps), mask=task.decay_mask,
+                                     muon_dims=task.muon_dims)
     rng = jax.random.key(config.seed)
     init_fn = lambda rng: task.init(env, rng)  # noqa: E731
     target = state_lib.state_target(params_lib.abstract(init_fn, mesh, env.rules, rng), optimizer, mesh)

@@ -26,8 +26,9 @@ def state_target(params, optimizer: optax.GradientTransformation, mesh: Mesh) ->
     shardings: the restore target for a checkpoint written on any other mesh."""
     opt = jax.eval_shape(optimizer.init, params)
     replicated = NamedSharding(mesh, P())
-    opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, opt, shardings_of(params),
-                                          transform_non_params=lambda _: replicated)
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731 (the params a partitioned optimizer skips)
+    opt_shardings = optax.tree_map_params(optimizer, lambda x, s: x if masked(x) else s, opt, shardings_of(params),
+                                          transform_non_params=lambda _: replicated, is_leaf=masked)
     opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), opt, opt_shardings)
     return {'step': jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), 'params': params, 'opt': opt}
 
