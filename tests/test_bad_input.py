@@ -97,6 +97,12 @@ def test_training_runs_past_damaged_shards_and_reports_them_by_reason_and_shard(
     assert str(damaged / SHARDS[1]) in report and str(damaged / SHARDS[3]) in report and 'lm step 9 of 9' in out
 
 
+def test_a_run_that_diverges_stops_with_one_line_naming_the_step(tmp_path):
+    done = damage.cli('train', '--config=configs/lm.py:tiny', '--config.train.eval_every=0', '--config.train.steps=5',
+                      '--config.train.progress=False', '--config.optim.learning_rate=1e30', f'--workdir={tmp_path}')
+    damage.refused(done, 'step 2: the grads became NaN/inf', 'the update was not applied', 'Lower optim.learning_rate')
+
+
 def test_unknown_config_fields_name_the_closest_ones():
     done = damage.cli('config', '--config=configs/lm.py:tiny', '--config.model.num_layer=4')
     line = damage.refused(done, "--config.model.num_layer: the config has no field 'model.num_layer'",
