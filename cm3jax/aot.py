@@ -78,7 +78,8 @@ def compile_train_step(config, devices: Sequence[jax.Device]) -> Report:
     if t.batch % (batch_shards * t.microbatches):
         raise ValueError(f'train.batch={t.batch} does not split over {batch_shards} batch shards x '
                          f'{t.microbatches} microbatches; change --config.train.batch')
-    optimizer = optim.make_optimizer(optim.OptimConfig.from_config(config.optim, t.steps), mask=optim.decay_mask)
+    optimizer = optim.make_optimizer(optim.OptimConfig.from_config(config.optim, t.steps), mask=optim.decay_mask,
+                                     muon_dims=transformer.muon_dims)
     init_fn = lambda rng: model.init(rng, jnp.zeros((batch_shards, 8), jnp.int32))['params']  # noqa: E731
     target = state_lib.state_target(params_lib.abstract(init_fn, mesh, rules, jax.random.key(0)), optimizer, mesh)
     sharding = parallel.logical_sharding(mesh, rules, ('act_batch', 'act_len'))

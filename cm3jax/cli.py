@@ -71,8 +71,9 @@ _TOP_P = flags.DEFINE_float('top_p', 0.9, 'sample: nucleus mass.')
 _TOP_K = flags.DEFINE_integer('top_k', 0, 'sample: keep the k likeliest tokens (0 = off).')
 _CDK_K = flags.DEFINE_integer('cdk_k', 8, 'sample: CD-K\'s k (V_head is measured against the k-th likeliest).')
 _CDK_ALPHA = flags.DEFINE_float('cdk_alpha', 0.5, 'sample: CD-K\'s alpha (V_head keeps p >= alpha * the k-th).')
-_REPETITION = flags.DEFINE_float('repetition_penalty', 1.0, 'sample: CTRL\'s penalty on text tokens already in the '
-                                 'document (1 = off; captions are greedy; Chameleon weights sample text with Meta\'s 1.2).')
+_REPETITION = flags.DEFINE_float('repetition_penalty', 1.0, 'sample: CTRL\'s penalty on text tokens already in '
+                                 'the document (1 = off; captions are greedy; Chameleon weights sample text with '
+                                 'Meta\'s 1.2).')
 _JUDGE = flags.DEFINE_bool('judge', False, 'sample: score the drawn images against their prompts, and the written '
                            'captions against their images, with the Shapes judge.')
 _SEED = flags.DEFINE_integer('seed', 0, 'sample: random seed.')

@@ -138,8 +138,9 @@ def test_train_init_from_the_converted_directory_starts_from_its_params(converte
     `--config=configs/lm.py:converted=DIR --init_from=DIR`: the converted model's own shape, its
     params at step 0; one step at a negligible rate leaves them where they were."""
     out = converted_dir[0] / 'out'
-    done = _cli(repo, 'prepare', '--config=configs/data.py:shapes', '--config.source.count=16',
-                '--config.source.cfg.canvas=16', '--config.source.cfg.max_objects=1', f'--config.vq_workdir={out / "vqgan"}',
+    done = _cli(repo, 'prepare', '--config=configs/data.py:digits', '--config.source.size=16',
+                '--config.source.split=test',
+                f'--config.vq_workdir={out / "vqgan"}',
                 f'--config.text_tokenizer.path={out / "tokenizer.json"}', '--config.vocab.layout=chameleon',
                 f'--config.out={tmp_path / "data"}', '--config.prepare.progress=False')
     assert done.returncode == 0, done.stderr[-3000:]
