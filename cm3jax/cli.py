@@ -243,8 +243,7 @@ def _draw(gen, sample, where: pathlib.Path) -> None:
 
 def _caption(gen, images, where: pathlib.Path) -> None:
     import numpy as np
-    from cm3jax.sample import generate
-    from cm3jax.sample import decode
+    from cm3jax.sample import decode, generate
     greedy = decode.SampleConfig(temperature=0.0, repetition_penalty=_REPETITION.value)
     written = generate.image_to_text(gen, np.stack(images), form='continue', sample=greedy)
     record = [{'image': path, 'caption': text} for path, text in zip(_IMAGE.value, written)]

@@ -6,7 +6,7 @@ matrices only, global-norm clip 1.0, linear warmup then linear decay.
 ``optim.name='muon'``: the hidden matrices (attention and MLP weights; a task says which through
 its ``muon_dims``) take Muon's orthogonalised momentum, scaled to AdamW's update size
 (``consistent_rms=0.2``, Liu et al. 2025), so the same learning rate and weight decay carry
-over; embeddings, the output head and vectors stay on AdamW (docs/training.md, "Muon").
+over; embeddings, the output head and vectors stay on AdamW (docs/training.md, "Config fields").
 """
 
 from __future__ import annotations
