@@ -30,7 +30,7 @@ from ml_collections import ConfigDict
 # CM3leon's joint vocabulary: 56,320 text ids (docs/paper.md, "Tokenizers") plus 8,192 image codes.
 CM3LEON_VOCAB = 56_320 + 8_192
 CHAMELEON_VOCAB = 65_536  # BPE that already holds the 8,192 image codes
-PEAK_LR = {'cm3leon_350m': 6e-4, 'cm3leon_760m': 5e-4, 'cm3leon_7b': 1.2e-4, 'chameleon': 1.2e-4, 'chameleon_7b': 1.2e-4,
+PEAK_LR = {'cm3leon_350m': 6e-4, 'cm3leon_760m': 5e-4, 'cm3leon_7b': 1.2e-4, 'chameleon': 1.2e-4,
            'chameleon_34b': 1.2e-4}  # 34B: the 7B's until a run says otherwise
 
 SIZES = {  # name: (num_layers, d_model, num_heads)
@@ -39,17 +39,18 @@ SIZES = {  # name: (num_layers, d_model, num_heads)
     'cm3leon_760m': (24, 1536, 16),
     'cm3leon_7b': (32, 4096, 32),
     'chameleon': (32, 4096, 32),
-    'chameleon_7b': (32, 4096, 32),
     'chameleon_34b': (48, 8192, 64),
 }
+ALIASES = {'chameleon_7b': 'chameleon'}
 
 
 def get_config(arg: str = 'tiny') -> ConfigDict:
     if arg.startswith('converted='):
         return converted(arg[len('converted='):])
     size, *modifiers = [part.strip() for part in arg.split(',')]
+    size = ALIASES.get(size, size)
     if size not in SIZES:
-        raise ValueError(f'unknown preset {size!r} in configs/lm.py:{arg}; choose from {sorted(SIZES)}')
+        raise ValueError(f'unknown preset {size!r} in configs/lm.py:{arg}; choose from {sorted([*SIZES, *ALIASES])}')
     unknown = set(modifiers) - {'chameleon'}
     if unknown:
         raise ValueError(f'unknown modifier(s) {sorted(unknown)} in configs/lm.py:{arg}; the only one is "chameleon"')

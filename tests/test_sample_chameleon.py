@@ -114,31 +114,26 @@ def test_captioning_writes_text(gen):
         chameleon.image_to_text(cm3leon, np.stack([_image(2)]))
 
 
-def _cli(repo, *args):
-    return subprocess.run([sys.executable, '-m', 'cm3jax', *map(str, args)], cwd=repo, capture_output=True,
-                          text=True, timeout=300)
-
-
-def test_sample_checkpoint_draws_and_captions_from_the_converted_directory(converted_dir, repo, tmp_path):
+def test_sample_checkpoint_draws_and_captions_from_the_converted_directory(converted_dir, tmp_path):
     from PIL import Image
     Image.fromarray(_image(4)).save(tmp_path / 'in.png')
-    done = _cli(repo, 'sample', f'--checkpoint={converted_dir[0] / "out"}', '--prompt=a red cat', '--num=2',
+    done = damage.cli('sample', f'--checkpoint={converted_dir[0] / "out"}', '--prompt=a red cat', '--num=2',
                 f'--image={tmp_path / "in.png"}', '--noend_of_turn', f'--out={tmp_path / "samples"}', '--seed=3')
     assert done.returncode == 0, done.stderr[-3000:]
     assert f'{tmp_path / "samples"}/samples.png' in done.stdout  # it says where the pictures went
     assert np.asarray(Image.open(tmp_path / 'samples' / 'samples.png')).shape == (16, 32, 3)  # one row of 2
     assert f'{tmp_path / "in.png"}: ' in done.stdout and (tmp_path / 'samples' / 'captions.json').is_file()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / 'small.png')
-    done = _cli(repo, 'sample', f'--checkpoint={converted_dir[0] / "out"}', f'--image={tmp_path / "small.png"}')
+    done = damage.cli('sample', f'--checkpoint={converted_dir[0] / "out"}', f'--image={tmp_path / "small.png"}')
     damage.refused(done, 'small.png', '16')
 
 
-def test_train_init_from_the_converted_directory_starts_from_its_params(converted_dir, repo, tmp_path):
+def test_train_init_from_the_converted_directory_starts_from_its_params(converted_dir, tmp_path):
     """Shards prepared in the converted directory's vocab (`vocab.layout=chameleon`), then
     `--config=configs/lm.py:converted=DIR --init_from=DIR`: the converted model's own shape, its
     params at step 0; one step at a negligible rate leaves them where they were."""
     out = converted_dir[0] / 'out'
-    done = _cli(repo, 'prepare', '--config=configs/data.py:digits', '--config.source.size=16',
+    done = damage.cli('prepare', '--config=configs/data.py:digits', '--config.source.size=16',
                 '--config.source.split=test',
                 f'--config.vq_workdir={out / "vqgan"}',
                 f'--config.text_tokenizer.path={out / "tokenizer.json"}', '--config.vocab.layout=chameleon',
@@ -150,7 +145,7 @@ def test_train_init_from_the_converted_directory_starts_from_its_params(converte
     tokens, _ = pipeline.Pipeline(tmp_path / 'data', vocab, pipeline.PipelineConfig(seq_len=96, batch=1)).example(0)
     start = list(tokens).index(vocab.break_)  # the image, wrapped as Chameleon wraps it
     assert vocab.is_image(tokens[start + 1:start + 65]).all() and tokens[start + 65] == vocab.end_image
-    done = _cli(repo, 'train', f'--config=configs/lm.py:converted={out}', f'--init_from={out}',
+    done = damage.cli('train', f'--config=configs/lm.py:converted={out}', f'--init_from={out}',
                 f'--workdir={tmp_path / "run"}', f'--config.data.dir={tmp_path / "data"}', '--config.train.steps=1',
                 '--config.train.batch=8', '--config.train.seq_len=96', '--config.train.eval_every=0',
                 '--config.train.progress=False', '--config.optim.learning_rate=1e-12', '--config.optim.warmup_steps=0')
@@ -162,7 +157,7 @@ def test_train_init_from_the_converted_directory_starts_from_its_params(converte
     after = params_lib.restore(tmp_path / 'run', target)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-9),
                  jax.device_get(after), jax.device_get(gen.params))
-    done = _cli(repo, 'config', f'--config=configs/lm.py:converted={tmp_path / "nowhere"}')
+    done = damage.cli('config', f'--config=configs/lm.py:converted={tmp_path / "nowhere"}')
     damage.refused(done, 'config.json is missing', 'cm3jax convert chameleon')
 
 

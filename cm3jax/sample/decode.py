@@ -180,8 +180,7 @@ def decode(model: transformer.Transformer, params, prompts: jax.Array, segment_i
     penalise = sample.repetition_penalty != 1
     seen = None
     if penalise:  # the conditional rows' prompts (their padding excluded)
-        seen = jnp.zeros((b, v), bool).at[jnp.arange(b)[:, None], jnp.minimum(prompts[:b], v - 1)].max(
-            segment_ids[:b] > 0)
+        seen = jnp.zeros((b, v), bool).at[jnp.arange(b)[:, None], prompts[:b]].max(segment_ids[:b] > 0)
 
     def choose(last, small_last, remaining, pending, seen, key):
         s = last.reshape(streams, b, v)
