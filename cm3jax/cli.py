@@ -14,7 +14,8 @@ Commands:
   sample       from a --workdir trained on prepared data (or --checkpoint=DIR from `cm3jax convert`): --prompt=CAPTION draws images (--num, --cfg, --mode,
                --temperature, --top_p, --top_k, --cdk_k, --cdk_alpha; --retriever=DIR re-ranks by CLIP score,
                --retrieve=K puts K retrieved documents first), --image=PNG writes captions; --judge scores
-               both with the Shapes judge
+               both with the Shapes judge; an SFT model edits (--image with --edit=INSTRUCTION), answers
+               (--image with --question=Q) and draws from edge maps (--edge=PNG with --prompt)
   quickstart   the main job on the Shapes world: tokenizers, data, retriever, LM, pictures from captions and
                captions for pictures, judged (--config=configs/quickstart.py, the default; out/quickstart)
   eval         --workdir=RUN --suite=shapes|coco|folder: generate what the suite needs (or read --images), score
@@ -102,8 +103,12 @@ _WORLD = flags.DEFINE_string('world', '{}', 'eval: Shapes world fields as JSON, 
 _STEP = flags.DEFINE_integer('step', None, 'sample, and train with --init_from: the checkpoint step to read '
                              '(default: the latest).')
 _IMAGE_CFG = flags.DEFINE_float('image_cfg', 1.2, 'sample (Chameleon): the image-only stream\'s guidance scale.')
-_QUESTION = flags.DEFINE_string('question', 'What do you see in this image?', 'sample (Chameleon): what is asked '
-                                'about each --image (the chat turn after it).')
+_QUESTION = flags.DEFINE_string('question', 'What do you see in this image?', 'sample: what is asked about each '
+                                '--image (Chameleon: the chat turn after it; an SFT model answers it, docs/sft.md).')
+_EDIT = flags.DEFINE_multi_string('edit', None, 'sample (an SFT model): an instruction for the --image of the '
+                                  'same position, e.g. "make the circle green" (docs/sft.md).')
+_EDGE = flags.DEFINE_multi_string('edge', None, 'sample (an SFT model): an edge map PNG to draw from, with the '
+                                  '--prompt of the same position as its caption.')
 _DEVICES = flags.DEFINE_integer('devices', None, 'aot: compile for this many devices (on CPU they are simulated); '
                                 'convert: the device count --mesh must multiply out to.')
 _CONVERT_MESH = flags.DEFINE_string('mesh', '(1,-1,1)', 'convert: the (data, fsdp, tensor) mesh the weights will '
@@ -172,6 +177,17 @@ def _sample(config) -> None:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         if gen.vocab.end_image != gen.vocab.break_:  # Chameleon / Anole weights: their formats and presets
             _chameleon_sample(gen, images, where)
+            return
+        if _EDIT.value or _EDGE.value or flags.FLAGS['question'].present:  # an instruction-tuned model
+            from cm3jax import cli_instructions
+            edges = [generate.read_image(path, gen.vq_cfg.resolution) for path in _EDGE.value or []]
+            edit = decode.SampleConfig(**{**vars(generate.EDIT_SAMPLE), **{k: v for k, v in (
+                ('cfg_scale', _CFG.value), ('image_cfg_scale', _IMAGE_CFG.value)) if flags.FLAGS[
+                    {'cfg_scale': 'cfg', 'image_cfg_scale': 'image_cfg'}[k]].present}})
+            cli_instructions.run(gen, images=images, image_paths=_IMAGE.value or [], edits=_EDIT.value or [],
+                                 question=_QUESTION.value if flags.FLAGS['question'].present else None, edges=edges,
+                                 prompts=_PROMPT.value or [], sample=sample, edit_sample=edit, num=_NUM.value,
+                                 seed=_SEED.value, where=where)
             return
         if _PROMPT.value:
             _draw(gen, sample, where)

@@ -1,7 +1,7 @@
 """Which `Task` a config trains: ``config.task`` names it.
 
     from cm3jax import trainers
-    trainers.train(config, workdir)    # the LM, the image tokenizer or the retriever, by config.task
+    trainers.train(config, workdir)    # the LM, SFT, the image tokenizer or the retriever, by config.task
 
 Every trainer goes through `cm3jax.train.run.run`; this table is the one place that knows the
 families, so that `cm3jax.train` stays generic.
@@ -30,7 +30,12 @@ def _retriever(config) -> Task:
     return task(config)
 
 
-TASKS: dict[str, Callable[[object], Task]] = {'lm': _lm, 'vq': _vq, 'retriever': _retriever}
+def _sft(config) -> Task:
+    from cm3jax.sft.task import task
+    return task(config)
+
+
+TASKS: dict[str, Callable[[object], Task]] = {'lm': _lm, 'vq': _vq, 'retriever': _retriever, 'sft': _sft}
 OTHER_CONFIGS = {'prepare': 'cm3jax prepare'}  # configs that are not trainers, and their command
 
 
@@ -41,7 +46,7 @@ def task_of(config) -> Task:
         raise ConfigError(f'config.task={name!r} is not a trainer; run it with `{OTHER_CONFIGS[name]}`')
     if name not in TASKS:
         raise ConfigError(f'config.task={name!r} is unknown; choose one of {sorted(TASKS)} '
-                          f'(configs/lm.py, configs/vq.py, configs/clip.py)')
+                          f'(configs/lm.py, configs/vq.py, configs/clip.py, configs/sft.py)')
     return TASKS[name](config)
 
 
@@ -49,6 +54,9 @@ def train(config, workdir: str, init_from: str | None = None, init_step: int | N
     """Train (or resume) ``config.task`` in ``workdir``; returns the run's summary. ``init_from``
     (else the config's own ``init_from`` field, where it has one) starts a fresh run from those
     parameters, of checkpoint ``init_step`` (None: the latest)."""
+    if config.get('task', None) == 'sft':  # SFT trains the pretrained model's own architecture
+        from cm3jax.sft.task import with_pretrained
+        config = with_pretrained(config, init_from)
     init_from = init_from or config.get('init_from', None) or None
     if init_step is not None and not init_from:
         raise ConfigError(f'--step={init_step} picks the checkpoint step of --init_from=DIR; give --init_from too '

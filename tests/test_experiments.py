@@ -47,15 +47,22 @@ def test_table_and_plot_show_every_arm_and_k(ablation, tmp_path):
     assert image.shape[1] == 720 and (image == [40, 110, 200]).all(-1).sum() > 1000  # the RA bars are drawn
 
 
-def test_the_colab_notebook_runs_the_script_with_valid_arguments(ablation, repo):
-    with open(os.path.join(repo, 'colab', 'retrieval_ablation.ipynb')) as f:
+def notebook_arguments(repo, name: str) -> dict:
+    """colab/NAME.ipynb: every code cell compiles; the scope (WORKDIR, ARGS, ...) its cell that runs
+    experiments/NAME.py sets up, run up to the script's call."""
+    with open(os.path.join(repo, 'colab', f'{name}.ipynb')) as f:
         notebook = json.load(f)
     sources = [''.join(c['source']) for c in notebook['cells'] if c['cell_type'] == 'code']
     for source in sources:
         compile(source, 'notebook cell', 'exec')
-    (run,) = [s for s in sources if 'retrieval_ablation.py' in s]
+    (run,) = [s for s in sources if f'{name}.py' in s]
     scope = {'sys': None, 'subprocess': None}
-    exec(run.split('\nsubprocess.run')[0], scope)  # WORKDIR and ARGS
+    exec(run.split('\nsubprocess.run')[0], scope)
+    return scope
+
+
+def test_the_colab_notebook_runs_the_script_with_valid_arguments(ablation, repo):
+    scope = notebook_arguments(repo, 'retrieval_ablation')
     args = ablation.parse_args(scope['ARGS'])
     assert args.workdir == scope['WORKDIR']
 
@@ -97,3 +104,28 @@ def test_the_sampling_sweep_checks_arguments_and_tables_every_setting(sweep, tmp
 def test_the_sweep_needs_a_finished_quickstart(sweep, tmp_path):
     with pytest.raises(SystemExit, match='is not a finished quickstart directory'):
         sweep.main([f'--out={tmp_path}', f'--results={tmp_path / "r"}'])
+
+
+@pytest.fixture(scope='module')
+def sft(repo):
+    return _experiment(repo, 'sft_shapes')
+
+
+def test_the_sft_experiment_checks_arguments_and_tables_every_metric(sft):
+    args = sft.parse_args(['--items=4', '--steps=10', '--loss=prompt'])
+    config = sft.sft_config(args)
+    assert config.train.steps == 10 and config.data.loss == 'prompt' and config.task == 'sft'
+    with pytest.raises(SystemExit):
+        sft.parse_args(['--items=0'])
+    md = sft.table({'vqa': {'before': 0.1, 'after': 0.9, 'n': 100},
+                    'grounded/box_accuracy': {'before': 0.0, 'after': 0.5, 'n': 4}})
+    assert '| vqa | accuracy | 0.100 ± 0.030 | 0.900 ± 0.030 | +0.800 | 100 |' in md
+    assert '| grounded | box_accuracy | 0.000 ± 0.000 | 0.500 ± 0.250 | +0.500 | 4 |' in md
+    held = sft.items(config, 'edit', 3)
+    assert [d.id for d in held] == [f'sft/edit/validation/1/{i}' for i in range(3)]  # not training's seed
+
+
+def test_the_sft_notebook_runs_the_script_with_valid_arguments(sft, repo):
+    scope = notebook_arguments(repo, 'sft_shapes')
+    args = sft.parse_args(scope['ARGS'])
+    assert args.workdir == scope['WORKDIR'] and args.pretrained == 'out/quickstart/lm'

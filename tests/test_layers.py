@@ -21,15 +21,15 @@ LAYERS = [
     (2, 'text_tokenizer', ('text_tokenizer',)),
     (2.5, 'lm_config', ('lm.config',)),
     (3, 'readers', ('data.worlds', 'data.sources', 'data.documents', 'data.cm3', 'data.synthetic', 'data.batches',
-                    'data.images', 'data.shards', 'data.archives')),
+                    'data.images', 'data.shards', 'data.archives', 'data.instructions')),
     (4, 'vq', ('vq',)),
     (5, 'token_data', ('data.prepare', 'data.pipeline', 'data.augment', 'data.neighbours')),
     (6, 'retrieval', ('retrieval',)),
     (7, 'lm', ('lm',)),
     (7, 'sample', ('sample',)),
-    (7, 'sft', ('sft',)),
+    (7.5, 'sft', ('sft',)),  # SFT is the LM's Task on other data, and generates through sample/
     (8, 'eval', ('eval',)),
-    (9, 'top', ('convert', 'aot', 'quickstart', 'quickstart_report', 'trainers', 'cli', '__main__')),
+    (9, 'top', ('convert', 'aot', 'quickstart', 'quickstart_report', 'trainers', 'cli', 'cli_instructions', '__main__')),
 ]
 
 

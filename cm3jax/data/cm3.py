@@ -39,29 +39,38 @@ class CM3Config:
                              f'({self.max_spans})')
 
 
-def maskable_runs(tokens: np.ndarray, vocab) -> list[tuple[int, int]]:
-    """Maximal [start, stop) runs of non-special tokens: the places a span may lie."""
+def maskable_runs(tokens: np.ndarray, vocab, blocked: np.ndarray | None = None) -> list[tuple[int, int]]:
+    """Maximal [start, stop) runs of non-special tokens, outside ``blocked`` (Bool[T]): the
+    places a span may lie."""
     ok = ~np.asarray(vocab.is_special(tokens))
+    if blocked is not None:
+        ok &= ~np.asarray(blocked, bool)
     edges = np.diff(np.concatenate([[0], ok.astype(np.int8), [0]]))
     return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
 
 
-def sample_spans(tokens: np.ndarray, vocab, rng: np.random.Generator, cfg: CM3Config) -> list[tuple[int, int]]:
-    """Sorted, disjoint, non-empty [start, stop) spans inside `maskable_runs`.
+def sample_spans(tokens: np.ndarray, vocab, rng: np.random.Generator, cfg: CM3Config,
+                 forced: tuple[tuple[int, int], ...] = ()) -> list[tuple[int, int]]:
+    """Sorted, disjoint, non-empty [start, stop) spans inside `maskable_runs`, plus ``forced``.
 
     Each span picks a run with probability proportional to its number of possible spans, then
     a uniform (start, stop) within it; overlaps are redrawn. When the document has too little
-    room (short runs), fewer spans come back.
+    room (short runs), fewer spans come back. ``forced`` spans (an instruction example's answer,
+    which must come after what it answers) are always among them, and count towards the
+    sentinels but not towards the drawn number.
     """
-    n = int(np.clip(rng.poisson(cfg.rate), cfg.min_spans, min(cfg.max_spans, len(vocab.sentinels))))
-    runs = maskable_runs(tokens, vocab)
-    if not n or not runs:
-        return []
+    forced = [(int(a), int(b)) for a, b in forced]
+    n = int(np.clip(rng.poisson(cfg.rate), cfg.min_spans, min(cfg.max_spans, len(vocab.sentinels) - len(forced))))
+    taken = np.zeros(len(tokens), bool)
+    for a, b in forced:
+        taken[a:b] = True
+    runs = maskable_runs(tokens, vocab, taken)
+    if n <= 0 or not runs:
+        return sorted(forced)
     lengths = np.array([b - a for a, b in runs], np.float64)
     choices = lengths * (lengths + 1) / 2  # spans per run
     p = choices / choices.sum()
-    taken = np.zeros(len(tokens), bool)
-    spans = []
+    spans = list(forced)
     for _ in range(n):
         for _ in range(cfg.max_tries):
             a, b = runs[rng.choice(len(runs), p=p)]
@@ -73,24 +82,40 @@ def sample_spans(tokens: np.ndarray, vocab, rng: np.random.Generator, cfg: CM3Co
     return sorted(spans)
 
 
-def transform(tokens: np.ndarray, vocab, rng: np.random.Generator,
-              cfg: CM3Config = CM3Config()) -> tuple[np.ndarray, np.ndarray]:
+def transform(tokens: np.ndarray, vocab, rng: np.random.Generator, cfg: CM3Config = CM3Config(),
+              forced: tuple[tuple[int, int], ...] = ()) -> tuple[np.ndarray, np.ndarray]:
     """Int[T] document tokens (ending in ``<eos>``) -> (Int32[T + n*(2 + end_of_span)] tokens,
-    Float32[...] weights). See the module docstring."""
+    Float32[...] weights). See the module docstring; ``forced``: spans that are always masked
+    (`sample_spans`)."""
     tokens = np.asarray(tokens, np.int32)
-    spans = sample_spans(tokens, vocab, rng, cfg)
+    out, _ = rearrange(tokens, sample_spans(tokens, vocab, rng, cfg, forced), vocab, cfg.end_of_span)
+    return out, _weights(out, vocab)
+
+
+def rearrange(tokens: np.ndarray, spans: list[tuple[int, int]], vocab, end_of_span: bool = True,
+              values: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Move sorted disjoint ``spans`` of Int[T] ``tokens`` (ending in ``<eos>``) to the end as
+    CM3 does -> (tokens, values moved alike): ``values`` [T] is any per-token label (which
+    tokens are an instruction's output, say); a span's sentinels take 0 and its ``<eoss>`` the
+    label of the span's last token."""
+    tokens = np.asarray(tokens, np.int32)
+    vals = np.zeros(len(tokens), np.float32) if values is None else np.asarray(values)
     if not spans:
-        return tokens, _weights(tokens, vocab)
+        return tokens, None if values is None else vals
     ends_in_eos = len(tokens) > 0 and tokens[-1] == vocab.eos
-    body, moved, prev = [], [], 0
+    zero = vals[:0]
+    body, moved, body_v, moved_v, prev = [], [], [], [], 0
     for k, (i, j) in enumerate(spans):
         s = vocab.sentinel(k)
         body += [tokens[prev:i], [s]]
-        moved += [[s], tokens[i:j]] + ([[vocab.eoss]] if cfg.end_of_span else [])
+        body_v += [vals[prev:i], np.zeros(1, vals.dtype)]
+        moved += [[s], tokens[i:j]] + ([[vocab.eoss]] if end_of_span else [])
+        moved_v += [np.zeros(1, vals.dtype), vals[i:j]] + ([vals[j - 1:j]] if end_of_span else [])
         prev = j
-    tail = tokens[prev:-1] if ends_in_eos else tokens[prev:]
-    out = np.concatenate([*body, tail, *moved, [vocab.eos] if ends_in_eos else []]).astype(np.int32)
-    return out, _weights(out, vocab)
+    stop = len(tokens) - int(ends_in_eos)
+    out = np.concatenate([*body, tokens[prev:stop], *moved, [vocab.eos] if ends_in_eos else []]).astype(np.int32)
+    out_v = np.concatenate([*body_v, vals[prev:stop], *moved_v, vals[stop:] if ends_in_eos else zero])
+    return out, None if values is None else out_v.astype(vals.dtype)
 
 
 def _weights(tokens: np.ndarray, vocab) -> np.ndarray:

@@ -19,6 +19,7 @@ from typing import Any, Union
 import numpy as np
 
 Segment = Union[str, np.ndarray]
+HEADER = 'header'  # Document.meta key: fields that `prepare` copies into the record's header
 
 
 @dataclasses.dataclass
@@ -102,22 +103,35 @@ def join(segments: list[np.ndarray], is_image: list[bool], vocab) -> np.ndarray:
     """Segments in the given order with ``<break>`` wherever an image starts or ends, also
     between two images (no ``<eos>``). Where the vocab closes images with a token of their own
     (Chameleon: ``<racm3:break>`` image ``<eoss>``), every image is wrapped in the two."""
-    if vocab.end_image != vocab.break_:
-        out = [np.concatenate([[vocab.break_], s, [vocab.end_image]]) if img else s
-               for s, img in zip(segments, is_image)]
-        return np.concatenate([np.asarray(s, np.int32) for s in out]).astype(np.int32)
-    out = [np.asarray(segments[0], np.int32)]
-    for prev, seg, img in zip(is_image, segments[1:], is_image[1:]):
-        if img or prev:
-            out.append(np.array([vocab.break_], np.int32))
-        out.append(np.asarray(seg, np.int32))
-    return np.concatenate(out).astype(np.int32)
+    return join_owned(segments, is_image, vocab)[0]
+
+
+def join_owned(segments: list[np.ndarray], is_image: list[bool], vocab) -> tuple[np.ndarray, np.ndarray]:
+    """`join`, and which segment each token belongs to -> (tokens, owner), both Int32[T].
+
+    A ``<break>`` between two segments belongs to the one before it (the break before an image
+    to generate ends its prompt); Chameleon's image marks belong to their image."""
+    pieces, owner = [], []
+    wrap = vocab.end_image != vocab.break_
+    for k, (seg, img) in enumerate(zip(segments, is_image)):
+        seg = np.asarray(seg, np.int32)
+        if wrap and img:
+            seg = np.concatenate([[vocab.break_], seg, [vocab.end_image]]).astype(np.int32)
+        elif not wrap and k and (img or is_image[k - 1]):
+            pieces.append(np.array([vocab.break_], np.int32))
+            owner.append(np.array([k - 1], np.int32))
+        pieces.append(seg)
+        owner.append(np.full(len(seg), k, np.int32))
+    return np.concatenate(pieces).astype(np.int32), np.concatenate(owner).astype(np.int32)
 
 
 def encode_record(segments: list[np.ndarray], is_image: list[bool], doc_id: str = '',
-                  image_shape: tuple[int, int] | None = None) -> bytes:
-    """A prepared document as one ArrayRecord record: a JSON header line, then int32 ids."""
-    header = {'id': doc_id, 'lengths': [int(len(s)) for s in segments], 'image': [bool(i) for i in is_image]}
+                  image_shape: tuple[int, int] | None = None, extra: dict | None = None) -> bytes:
+    """A prepared document as one ArrayRecord record: a JSON header line, then int32 ids.
+    ``extra``: more header fields (an instruction example's task and output segments,
+    `cm3jax.sft`), read back by `decode_record`."""
+    header = {**(extra or {}), 'id': doc_id, 'lengths': [int(len(s)) for s in segments],
+              'image': [bool(i) for i in is_image]}
     if image_shape is not None:
         header['image_shape'] = list(image_shape)
     body = np.concatenate([np.asarray(s, np.int32) for s in segments]) if segments else np.zeros(0, np.int32)

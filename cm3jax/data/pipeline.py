@@ -60,73 +60,25 @@ class PipelineConfig:
             raise ValueError(f'retrieved_weight={self.retrieved_weight} must be >= 0')
 
 
-class Pipeline:
-    """A `cm3jax.train.loop.DataIterator` of this process's rows:
-    {'inputs', 'targets', 'segment_ids', 'positions': Int32[B_local, seq_len], 'weights': Float32[...]}.
+class Packer:
+    """Greedy packing of an example stream into rows, with skip counts and a resumable position.
 
-    weights are the CM3 weights of the targets (0 for sentinels), and 0 across document
-    boundaries and on padding (segment id 0).
+    A subclass sets ``examples`` (index -> (tokens Int32[T], weights Float32[T]), or (reason,
+    detail) for an example to skip), ``vocab``, ``seq_len``, ``rows`` (this process's rows per
+    batch), ``num_documents`` and ``where`` (what to name in the all-corrupt error), then calls
+    `_start`.
     """
 
-    def __init__(self, data_dir: str | pathlib.Path, vocab: Vocab, cfg: PipelineConfig, *,
-                 process_index: int = 0, process_count: int = 1, augment: Augment | None = None):
-        import grain
-
-        if cfg.batch % process_count:
-            raise ValueError(f'train.batch={cfg.batch} must be a multiple of the {process_count} processes')
-        self.data_dir, self.vocab, self.cfg, self.augment = pathlib.Path(data_dir), vocab, cfg, augment
-        self.process_index, self.rows = process_index, cfg.batch // process_count
-        manifest = prepare.read_manifest(data_dir, vocab)
-        if len(manifest['shards']) < process_count:
-            raise ValueError(f'{data_dir} has {len(manifest["shards"])} shards, fewer than the {process_count} '
-                             f'processes: prepare with a smaller prepare.shard_size')
-        entries = manifest['shards'][process_index::process_count]
-        mine = [s['path'] for s in entries]
-        self.shards = [self.data_dir / p for p in mine]
-        self.doc_ids = neighbours.global_ids(manifest, mine)  # record index -> document id
-        self.records = shards_lib.ShardRecords(self.data_dir, entries)
-        self.num_documents = len(self.records)
-        # the stream is of record indices (grain's source wraps the indices of later epochs), so
-        # the shuffled stream knows which document it holds, for its neighbour list and its shard;
-        # records are read in `_example`, where damage is caught and counted
-        ds = grain.MapDataset.source(range(self.num_documents))
-        if cfg.shuffle:
-            ds = ds.shuffle(seed=cfg.seed)  # a fresh order every epoch after repeat
-        self._examples = ds.repeat(None).map_with_index(self._example)
+    def _start(self) -> None:
         self.position = 0                   # index of the next example
         self.counts = {'skipped': 0, 'truncated': 0}
         self.skips: dict[str, int] = {}     # 'reason (shard)' -> examples skipped for it
         self._held = None                   # (position, example) that did not fit the last row
 
-    # ---- One example ----
-
-    def _example(self, index: int, record_index: int):
-        rng = np.random.default_rng([self.cfg.seed, self.process_index, index])
-        try:
-            segments, is_image, _ = documents.decode_record(self.records[record_index], self.vocab.size)
-            tokens = documents.layout(segments, is_image, self.vocab, rng, self.cfg.layout)
-        except ValueError as e:  # CorruptRecord, or a layout that does not fit the record
-            reason, detail = (e.reason, e.detail) if isinstance(e, documents.CorruptRecord) else ('corrupt record', str(e))
-            return f'{reason} ({self.records.shard_of(record_index)})', detail
-        tokens, weights = cm3.transform(tokens, self.vocab, rng, self.cfg.cm3)
-        weights = weights * np.float32(self.cfg.query_weight)
-        if self.augment is not None:
-            retrieved = self.augment(int(self.doc_ids[record_index]), rng)
-            if retrieved:
-                before = np.concatenate(retrieved).astype(np.int32)
-                tokens = np.concatenate([before, tokens])
-                weights = np.concatenate([np.full(len(before), self.cfg.retrieved_weight, np.float32), weights])
-        return tokens, weights
-
-    def example(self, index: int):
-        """(tokens Int32[T], weights Float32[T]) of example ``index``, or None if its record is corrupt."""
-        ex = self._examples[index]
-        return None if isinstance(ex[0], str) else ex
-
     # ---- Packing ----
 
     def _row(self) -> dict[str, np.ndarray]:
-        n = self.cfg.seq_len + 1
+        n = self.seq_len + 1
         tokens = np.full(n, self.vocab.pad, np.int32)
         weights, segments, positions = np.zeros(n, np.float32), np.zeros(n, np.int32), np.zeros(n, np.int32)
         used = segment = 0
@@ -135,14 +87,14 @@ class Pipeline:
             if self._held is not None and self._held[0] == self.position:
                 ex = self._held[1]
             else:
-                ex = self._examples[self.position]
+                ex = self.examples[self.position]
             if isinstance(ex[0], str):  # (why, detail): skipped, counted by reason and shard
                 self._skip(*ex)
                 self.position += 1
                 corrupt_run += 1
                 if corrupt_run > self.num_documents:
-                    raise DataError(f'every record in {self.data_dir} (this process\'s {len(self.shards)} shards) '
-                                    f'is unusable ({self.skip_report()}): prepare the data again')
+                    raise DataError(f'every record in {self.where} is unusable ({self.skip_report()}): '
+                                    f'prepare the data again')
                 continue
             t, w = ex
             if len(t) > n:
@@ -192,6 +144,68 @@ class Pipeline:
         self.counts = {k: int(state.get(k, 0)) for k in self.counts}
         self.skips = {k: int(v) for k, v in state.get('skips', {}).items()}
         self._held = None
+
+
+class Pipeline(Packer):
+    """A `cm3jax.train.loop.DataIterator` of this process's rows:
+    {'inputs', 'targets', 'segment_ids', 'positions': Int32[B_local, seq_len], 'weights': Float32[...]}.
+
+    weights are the CM3 weights of the targets (0 for sentinels), and 0 across document
+    boundaries and on padding (segment id 0).
+    """
+
+    def __init__(self, data_dir: str | pathlib.Path, vocab: Vocab, cfg: PipelineConfig, *,
+                 process_index: int = 0, process_count: int = 1, augment: Augment | None = None):
+        import grain
+
+        if cfg.batch % process_count:
+            raise ValueError(f'train.batch={cfg.batch} must be a multiple of the {process_count} processes')
+        self.data_dir, self.vocab, self.cfg, self.augment = pathlib.Path(data_dir), vocab, cfg, augment
+        self.process_index, self.rows = process_index, cfg.batch // process_count
+        manifest = prepare.read_manifest(data_dir, vocab)
+        if len(manifest['shards']) < process_count:
+            raise ValueError(f'{data_dir} has {len(manifest["shards"])} shards, fewer than the {process_count} '
+                             f'processes: prepare with a smaller prepare.shard_size')
+        entries = manifest['shards'][process_index::process_count]
+        mine = [s['path'] for s in entries]
+        self.shards = [self.data_dir / p for p in mine]
+        self.doc_ids = neighbours.global_ids(manifest, mine)  # record index -> document id
+        self.records = shards_lib.ShardRecords(self.data_dir, entries)
+        self.num_documents = len(self.records)
+        # the stream is of record indices (grain's source wraps the indices of later epochs), so
+        # the shuffled stream knows which document it holds, for its neighbour list and its shard;
+        # records are read in `_example`, where damage is caught and counted
+        ds = grain.MapDataset.source(range(self.num_documents))
+        if cfg.shuffle:
+            ds = ds.shuffle(seed=cfg.seed)  # a fresh order every epoch after repeat
+        self.examples = ds.repeat(None).map_with_index(self._example)
+        self.seq_len, self.where = cfg.seq_len, f"{self.data_dir} (this process's {len(self.shards)} shards)"
+        self._start()
+
+    # ---- One example ----
+
+    def _example(self, index: int, record_index: int):
+        rng = np.random.default_rng([self.cfg.seed, self.process_index, index])
+        try:
+            segments, is_image, _ = documents.decode_record(self.records[record_index], self.vocab.size)
+            tokens = documents.layout(segments, is_image, self.vocab, rng, self.cfg.layout)
+        except ValueError as e:  # CorruptRecord, or a layout that does not fit the record
+            reason, detail = (e.reason, e.detail) if isinstance(e, documents.CorruptRecord) else ('corrupt record', str(e))
+            return f'{reason} ({self.records.shard_of(record_index)})', detail
+        tokens, weights = cm3.transform(tokens, self.vocab, rng, self.cfg.cm3)
+        weights = weights * np.float32(self.cfg.query_weight)
+        if self.augment is not None:
+            retrieved = self.augment(int(self.doc_ids[record_index]), rng)
+            if retrieved:
+                before = np.concatenate(retrieved).astype(np.int32)
+                tokens = np.concatenate([before, tokens])
+                weights = np.concatenate([np.full(len(before), self.cfg.retrieved_weight, np.float32), weights])
+        return tokens, weights
+
+    def example(self, index: int):
+        """(tokens Int32[T], weights Float32[T]) of example ``index``, or None if its record is corrupt."""
+        ex = self.examples[index]
+        return None if isinstance(ex[0], str) else ex
 
     def report(self) -> str:
         text = (f'{self.position} examples read from {len(self.shards)} shards ({self.num_documents} documents); '

@@ -107,7 +107,7 @@ def _records(docs: list[documents.Document], encoder: ImageEncoder, vocab: Vocab
             segments.append(documents.segment_ids(next(codes) if image else s, vocab, text_tokenizer))
             is_image.append(image)
         r = encoder.cfg.latent_resolution
-        out.append(documents.encode_record(segments, is_image, d.id, (r, r)))
+        out.append(documents.encode_record(segments, is_image, d.id, (r, r), d.meta.get(documents.HEADER)))
     return out
 
 

@@ -168,7 +168,7 @@ def eval_batches(env: Env) -> Callable[[], Any]:
     return batches
 
 
-def _progress_line(metrics, entropy: float | None) -> str:
+def progress_line(metrics, entropy: float | None) -> str:
     line = f'loss {float(metrics["loss"]):.3f}'
     if 'answer/accuracy' in metrics:
         return line + f', answer accuracy {float(metrics["answer/accuracy"]):.1%} (unigram entropy {entropy:.3f})'
@@ -185,7 +185,7 @@ def evals(env: Env, writer: metrics_lib.MetricWriter) -> list[loop.Hook]:
     if not every:
         return []
     eval_step = jax.jit(step_lib.make_eval_step(loss(env)))
-    line = lambda info: env.say(f'step {info.step}: {_progress_line(info.metrics, env.model.entropy)}')  # noqa: E731
+    line = lambda info: env.say(f'step {info.step}: {progress_line(info.metrics, env.model.entropy)}')  # noqa: E731
     return [loop.eval_hook(eval_step, eval_batches(env), writer, every), loop.Hook(line, every)]
 
 

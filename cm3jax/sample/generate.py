@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cm3jax.data import documents
+from cm3jax.data import documents, instructions as ins
 from cm3jax.model import transformer
 from cm3jax.sample import decode as dec
 from cm3jax.vocab import Vocab
@@ -264,3 +264,125 @@ def image_nll(gen: Generator, captions: Sequence[str | None], images: np.ndarray
         out.append(np.asarray(jax.device_get(nll(gen.params, jnp.asarray(tokens), jnp.asarray(segs),
                                                  jnp.asarray(want))))[:len(chunk)])
     return np.concatenate(out).astype(np.float64)
+
+
+# ---- instructions (`cm3jax.data.instructions` templates; docs/sft.md) ----------------------------
+
+EDIT_SAMPLE = dec.SampleConfig(cfg_scale=7.5, image_cfg_scale=1.5)  # the paper's text and image guidance
+
+
+def _segment_ids(gen: Generator, seg) -> np.ndarray:
+    if isinstance(seg, str):
+        return gen.text(seg)
+    image = np.asarray(seg)
+    if image.ndim != 3 or image.dtype != np.uint8:
+        raise ValueError(f'an image segment must be uint8 [H, W, C], got {image.dtype} {image.shape}')
+    vq._check_images(image[None], gen.vq_cfg)
+    codes = np.asarray(vq.encode(gen.vq_params, image[None], gen.vq_cfg)).reshape(-1)
+    return np.asarray(gen.vocab.image_ids(codes), np.int32)
+
+
+def instruction_prompt(gen: Generator, tpl: ins.Template, masked: tuple[int, ...] = ()) -> np.ndarray:
+    """The tokens a template is generated from: for an output at its end, the segments before it
+    and the ``<break>`` that opens it; for one before other segments (VQA's answer), CM3's infill
+    form, ``... <mask:0> ... <mask:0>``. Segments in ``masked`` become ``<mask>`` (the
+    unconditional streams of guidance), keeping their place and modality."""
+    v = gen.vocab
+    first = tpl.output.index(True)
+    infill = any(not o for o in tpl.output[first:])
+    segs = tpl.segments if infill else tpl.segments[:first]
+    ids, is_image = [], []
+    for k, seg in enumerate(segs):
+        if k == first:  # infill: the answer's place
+            ids.append(np.array([v.sentinel(0)], np.int32))
+        elif k in masked:
+            ids.append(np.array([v.require_mask()], np.int32))
+        else:
+            ids.append(_segment_ids(gen, seg))
+        is_image.append(seg is not None and not isinstance(seg, str))
+    body = documents.join(ids, is_image, v)
+    return np.concatenate([body, [v.sentinel(0) if infill else v.break_]]).astype(np.int32)
+
+
+def _draw(gen: Generator, tpls: Sequence[ins.Template], streams: list[tuple[int, ...]], num: int,
+          sample: dec.SampleConfig, rng) -> np.ndarray:
+    """Each template's output image, ``num`` times -> uint8 [P, num, R, R, C]; ``streams``: the
+    segments each guidance stream masks (stream-major: full, none, then image-only)."""
+    _check_num(num)
+    if not tpls:
+        raise ValueError('nothing to generate: give at least one input')
+    prompts = [[instruction_prompt(gen, t, m) for t in tpls] for m in streams]
+    rows = [[p[i] for n in range(num) for i in range(len(tpls))] for p in prompts]
+    out = _run(gen, rows, sample, rng if rng is not None else jax.random.key(0), gen.image_tokens,
+               stop_after_image=True)
+    r = gen.vq_cfg.latent_resolution
+    codes = np.asarray(gen.vocab.image_codes(out['tokens'][:, :gen.image_tokens])).reshape(num, len(tpls), r, r)
+    images = np.asarray(vq.decode(gen.vq_params, jnp.asarray(codes.transpose(1, 0, 2, 3).reshape(-1, r, r)),
+                                  gen.vq_cfg))
+    return images.reshape(len(tpls), num, *images.shape[1:])
+
+
+def _streams(sample: dec.SampleConfig, conditions: tuple[int, ...], text: tuple[int, ...] = ()) -> list:
+    """The masked segments of each stream: [full] alone; with guidance [full, none], or, where
+    ``text`` names the text conditions, [full, none, image-only] (`logits.cfg3`: with an image
+    scale of 1 it guides the text against the image-only stream)."""
+    if not _guided(sample):
+        return [()]
+    if not conditions:
+        raise ValueError('this task has no condition that training drops, so guidance has no unconditional '
+                         'stream: use cfg_scale=1 and mode="sample"')
+    return [(), conditions, text] if text else [(), conditions]
+
+
+def edit(gen: Generator, images: np.ndarray, instructions: Sequence[str], *, num: int = 1,
+         sample: dec.SampleConfig = EDIT_SAMPLE, rng: jax.Array | None = None) -> np.ndarray:
+    """Text-guided editing: uint8 images [N, R, R, C] and one instruction each -> the edited
+    images uint8 [N, num, R, R, C]. Three-stream guidance (full / image only / none) with
+    ``sample.cfg_scale`` on the text and ``sample.image_cfg_scale`` on the image."""
+    if len(images) != len(instructions):
+        raise ValueError(f'edit needs one instruction per image; got {len(images)} images, {len(instructions)} '
+                         f'instructions')
+    tpls = [ins.edit(im, text) for im, text in zip(images, instructions)]
+    return _draw(gen, tpls, _streams(sample, (1, 2), (2,)), num, sample, rng)
+
+
+def structure(gen: Generator, edges: np.ndarray, captions: Sequence[str], *, num: int = 1,
+              sample: dec.SampleConfig = dec.SampleConfig(), rng: jax.Array | None = None) -> np.ndarray:
+    """Structure-guided generation: edge maps uint8 [N, R, R, C] and captions -> images
+    [N, num, R, R, C]."""
+    if len(edges) != len(captions):
+        raise ValueError(f'structure needs one caption per edge map; got {len(edges)} and {len(captions)}')
+    return _draw(gen, [ins.structure(e, c) for e, c in zip(edges, captions)], _streams(sample, (1, 2)), num,
+                 sample, rng)
+
+
+def grounded(gen: Generator, captions: Sequence[str], objects: Sequence[Sequence[tuple[str, tuple]]], *,
+             num: int = 1, sample: dec.SampleConfig = dec.SampleConfig(), rng: jax.Array | None = None) -> np.ndarray:
+    """Spatially grounded generation: captions and, per caption, [(description, (x0, y0, x1, y1))]
+    -> images [N, num, R, R, C] with each object in its box."""
+    if len(captions) != len(objects):
+        raise ValueError(f'grounded needs one object list per caption; got {len(captions)} and {len(objects)}')
+    return _draw(gen, [ins.grounded(c, list(o)) for c, o in zip(captions, objects)], _streams(sample, ()), num,
+                 sample, rng)
+
+
+def write(gen: Generator, texts: Sequence[str], *, num: int = 1, sample: dec.SampleConfig = dec.SampleConfig(),
+          rng: jax.Array | None = None) -> np.ndarray:
+    """How-to-write: strings -> images [N, num, R, R, C] of them drawn."""
+    return _draw(gen, [ins.write(t) for t in texts], _streams(sample, ()), num, sample, rng)
+
+
+def answer(gen: Generator, images: np.ndarray, questions: Sequence[str], *, max_new: int = 8,
+           rng: jax.Array | None = None) -> list[str]:
+    """VQA: uint8 images [N, R, R, C] and a question each -> the answers, greedy, in the infill
+    form of the template (``Question: q Answer: <mask:0>. <break> [image] <mask:0>``)."""
+    if len(images) != len(questions):
+        raise ValueError(f'answer needs one question per image; got {len(images)} and {len(questions)}')
+    if not len(images):
+        raise ValueError('answer needs at least one image')
+    v = gen.vocab
+    prompts = [instruction_prompt(gen, ins.vqa(im, q)) for im, q in zip(images, questions)]
+    out = _run(gen, [prompts], dec.SampleConfig(temperature=0.0), rng if rng is not None else jax.random.key(0),
+               max_new, stop_tokens=(v.eoss,))
+    return [gen.text_tokenizer.decode_joint(row[:n][v.is_text(row[:n])], v).strip()
+            for row, n in zip(out['tokens'], out['lengths'])]

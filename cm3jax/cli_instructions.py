@@ -1,0 +1,48 @@
+"""`cm3jax sample` on an instruction-tuned model (docs/sft.md): editing (``--edit`` with
+``--image``), answering (``--question`` with ``--image``) and structure-guided drawing
+(``--edge`` with ``--prompt``), each output saved beside a JSON record of what was asked."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+
+
+def _pair(what: str, n: int, other: str, m: int) -> None:
+    if n != m:
+        raise ValueError(f'{what} needs one {other} each: got {n} and {m} (repeat the flags in order)')
+
+
+def _save_rows(rows: np.ndarray, path: pathlib.Path) -> None:
+    """uint8 [N, num, R, R, C] -> one PNG, a row per input."""
+    from PIL import Image
+    Image.fromarray(np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)).save(path)
+
+
+def run(gen, *, images: list, image_paths: list[str], edits: list[str], question: str | None, edges: list,
+        prompts: list[str], sample, edit_sample, num: int, seed: int, where: pathlib.Path) -> None:
+    import jax
+    from cm3jax.sample import generate
+    where.mkdir(parents=True, exist_ok=True)
+    rng = jax.random.key(seed)
+    if edits:
+        _pair('--edit', len(edits), '--image', len(images))
+        out = generate.edit(gen, np.stack(images), edits, num=num, sample=edit_sample, rng=rng)
+        _save_rows(np.concatenate([np.stack(images)[:, None], out], axis=1), where / 'edits.png')
+        (where / 'edits.json').write_text(json.dumps([{'image': p, 'edit': e} for p, e in zip(image_paths, edits)],
+                                                     indent=1))
+        print(f'{len(edits)} edit(s) x {num}: {where}/edits.png (a row per image: the original, then the edits)')
+    if question is not None and images:
+        answers = generate.answer(gen, np.stack(images), [question] * len(images))
+        record = [{'image': p, 'question': question, 'answer': a} for p, a in zip(image_paths, answers)]
+        for r in record:
+            print(f'{r["image"]}: {question} -> {r["answer"]}')
+        (where / 'answers.json').write_text(json.dumps(record, indent=1))
+        print(f'answers in {where}/answers.json')
+    if edges:
+        _pair('--edge', len(edges), '--prompt', len(prompts))
+        out = generate.structure(gen, np.stack(edges), prompts, num=num, sample=sample, rng=rng)
+        _save_rows(np.concatenate([np.stack(edges)[:, None], out], axis=1), where / 'structure.png')
+        print(f'{len(edges)} edge map(s) x {num}: {where}/structure.png (a row per edge map: it, then the images)')

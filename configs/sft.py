@@ -1,0 +1,59 @@
+"""Instruction-tuning configs (``task='sft'``; docs/sft.md): a pretrained LM fine-tuned on a mixture of
+instruction tasks, on the shared harness (`cm3jax.sft.task`).
+
+``get_config(arg)`` presets and their launch commands:
+
+  shapes   the Shapes task mixture (edit, structure, grounded, write, vqa, caption) on the
+           quickstart's pretrained model (`make demo` first):
+           cm3jax train --config=configs/sft.py:shapes --init_from=out/quickstart/lm --workdir=runs/sft
+  tiny     the same at toy size, for tests.
+
+The model is always the pretrained one's (read from ``--init_from``), so the config holds no
+``model``; the optimizer starts fresh. With ``data.dir`` empty the Shapes examples are prepared
+into the workdir with the pretrained run's tokenizers; ``data.files`` adds instruction files
+(JSON lines, `cm3jax.sft.jsonl`), and ``data.dir=DIR`` trains on a directory prepared before.
+"""
+
+from ml_collections import ConfigDict
+
+from configs import lm as lm_configs
+
+
+def get_config(arg: str = 'shapes') -> ConfigDict:
+    if arg not in ('shapes', 'tiny'):
+        raise ValueError(f'unknown preset {arg!r} in configs/sft.py:{arg}; choose from shapes, tiny')
+    tiny = arg == 'tiny'
+    base = lm_configs.get_config('tiny')
+    config = ConfigDict()
+    config.task = 'sft'
+    config.seed = 0
+    config.init_from = '' if tiny else 'out/quickstart/lm'
+    # > 0: a longer context for a RoPE model (its parameters do not depend on it): an edit is two
+    # images and a template, about 190 tokens with the quickstart's BPE, past its context of 192
+    config.max_len = 0 if tiny else 256
+    config.loss, config.mesh, config.sharding = base.loss, base.mesh, base.sharding
+    # The paper: lr 5e-5 and warmup 150, after pretraining at a peak of 1e-4 to 6e-4. The toy was
+    # pretrained at 2e-3 (Muon) and must learn six new formats in minutes, so it fine-tunes at
+    # half that (docs/sft.md, "What was measured").
+    config.optim = base.optim
+    config.optim.update(name='muon', learning_rate=3e-3 if tiny else 1e-3, warmup_steps=10 if tiny else 150,
+                        final_lr_fraction=0.0)
+    config.train = base.train
+    config.train.update(steps=60 if tiny else 2500, batch=16, seq_len=128 if tiny else 256,
+                        eval_every=30 if tiny else 500, checkpoint_every=30 if tiny else 500, log_every=10)
+    config.data = ConfigDict({
+        'dir': '', 'eval_dir': '',
+        'files': '',                 # instruction files (JSON lines), comma-separated
+        # the mixture: task weights, and the up- and down-sampling thresholds of their rates
+        'weights': 'edit:2,structure:1,grounded:1,write:1,vqa:2,caption:1',
+        'min_rate': 0.05, 'max_rate': 0.5,
+        # 'cm3': the paper's loss on the whole sequence with CM3 spans; 'prompt': Chameleon's, the output only
+        'loss': 'cm3',
+        'cm3_rate': 0.3, 'cm3_min_spans': 0, 'cm3_max_spans': 4,
+        'condition_dropout': 0.1,    # each condition (the edit's image and instruction) -> <mask>: guidance's streams
+        'shapes_examples': 400 if tiny else 6000,  # per task, for training
+        'eval_examples': 32 if tiny else 128,      # per task, held out (the eval loss)
+        'world': {'canvas': 16, 'min_objects': 1, 'max_objects': 1} if tiny else
+                 {'canvas': 32, 'min_objects': 1, 'max_objects': 3},
+    })
+    return config
