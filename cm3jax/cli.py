@@ -102,7 +102,8 @@ _KARPATHY = flags.DEFINE_string('karpathy', None, 'eval --suite=coco: Karpathy\'
 _WORLD = flags.DEFINE_string('world', '{}', 'eval: Shapes world fields as JSON, e.g. \'{"max_objects": 2}\'.')
 _STEP = flags.DEFINE_integer('step', None, 'sample, and train with --init_from: the checkpoint step to read '
                              '(default: the latest).')
-_IMAGE_CFG = flags.DEFINE_float('image_cfg', 1.2, 'sample (Chameleon): the image-only stream\'s guidance scale.')
+_IMAGE_CFG = flags.DEFINE_float('image_cfg', 1.2, 'sample: the image-only stream\'s guidance scale (Chameleon; and '
+                                 'an SFT model\'s --edit, whose default is 1.5).')
 _QUESTION = flags.DEFINE_string('question', 'What do you see in this image?', 'sample: what is asked about each '
                                 '--image (Chameleon: the chat turn after it; an SFT model answers it, docs/sft.md).')
 _EDIT = flags.DEFINE_multi_string('edit', None, 'sample (an SFT model): an instruction for the --image of the '
@@ -174,16 +175,19 @@ def _sample(config) -> None:
     where = pathlib.Path(_OUT.value or pathlib.Path(_WORKDIR.value) / 'samples')
     sample = decode.SampleConfig(cfg_scale=_CFG.value, mode=_MODE.value, temperature=_TEMPERATURE.value,
                                  top_p=_TOP_P.value, top_k=_TOP_K.value, cdk_k=_CDK_K.value, cdk_alpha=_CDK_ALPHA.value)
+    chameleon = gen.vocab.end_image != gen.vocab.break_
+    if chameleon and (_EDIT.value or _EDGE.value):
+        raise app.UsageError('--edit and --edge need the CM3leon layout\'s templates (docs/sft.md); these weights '
+                             'use Chameleon\'s: ask with --prompt, or --image and --question')
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        if gen.vocab.end_image != gen.vocab.break_:  # Chameleon / Anole weights: their formats and presets
+        if chameleon:  # Chameleon / Anole weights: their formats and presets
             _chameleon_sample(gen, images, where)
             return
         if _EDIT.value or _EDGE.value or flags.FLAGS['question'].present:  # an instruction-tuned model
+            import dataclasses
             from cm3jax import cli_instructions
             edges = [generate.read_image(path, gen.vq_cfg.resolution) for path in _EDGE.value or []]
-            edit = decode.SampleConfig(**{**vars(generate.EDIT_SAMPLE), **{k: v for k, v in (
-                ('cfg_scale', _CFG.value), ('image_cfg_scale', _IMAGE_CFG.value)) if flags.FLAGS[
-                    {'cfg_scale': 'cfg', 'image_cfg_scale': 'image_cfg'}[k]].present}})
+            edit = dataclasses.replace(generate.EDIT_SAMPLE, **_given_sampling())
             cli_instructions.run(gen, images=images, image_paths=_IMAGE.value or [], edits=_EDIT.value or [],
                                  question=_QUESTION.value if flags.FLAGS['question'].present else None, edges=edges,
                                  prompts=_PROMPT.value or [], sample=sample, edit_sample=edit, num=_NUM.value,
@@ -195,6 +199,15 @@ def _sample(config) -> None:
             _caption(gen, images, where)
 
 
+def _given_sampling(*names: str) -> dict:
+    """The sampling flags given on the command line (all of them, or those ``names``), as
+    `decode.SampleConfig` fields: what overrides a preset."""
+    fields = {'cfg_scale': _CFG, 'image_cfg_scale': _IMAGE_CFG, 'temperature': _TEMPERATURE, 'top_p': _TOP_P,
+              'top_k': _TOP_K, 'mode': _MODE, 'cdk_k': _CDK_K, 'cdk_alpha': _CDK_ALPHA,
+              'repetition_penalty': _REPETITION}
+    return {k: f.value for k, f in fields.items() if flags.FLAGS[f.name].present and (not names or k in names)}
+
+
 def _chameleon_sample(gen, images, where: pathlib.Path) -> None:
     """`cm3jax.sample.chameleon` with its presets; the sampling flags given override them."""
     import dataclasses
@@ -202,12 +215,10 @@ def _chameleon_sample(gen, images, where: pathlib.Path) -> None:
     import numpy as np
     from PIL import Image
     from cm3jax.sample import chameleon
-    given = lambda name: flags.FLAGS[name].present  # noqa: E731
     where.mkdir(parents=True, exist_ok=True)
     if _PROMPT.value:
-        sample = dataclasses.replace(chameleon.IMAGE, **{k: v for k, v in (
-            ('cfg_scale', _CFG.value), ('image_cfg_scale', _IMAGE_CFG.value), ('temperature', _TEMPERATURE.value),
-            ('top_p', _TOP_P.value), ('top_k', _TOP_K.value)) if given({'cfg_scale': 'cfg', 'image_cfg_scale': 'image_cfg'}.get(k, k))})
+        sample = dataclasses.replace(chameleon.IMAGE, **_given_sampling('cfg_scale', 'image_cfg_scale', 'temperature',
+                                                                        'top_p', 'top_k'))
         out = chameleon.text_to_image(gen, _PROMPT.value, num=_NUM.value, sample=sample,
                                       rng=jax.random.key(_SEED.value))
         grid = np.concatenate([np.concatenate(list(row), axis=1) for row in out['images']], axis=0)
@@ -216,9 +227,8 @@ def _chameleon_sample(gen, images, where: pathlib.Path) -> None:
                                                         'codes': out['codes'].tolist()}, indent=1))
         print(f'{len(_PROMPT.value)} prompt(s) x {_NUM.value}: {where}/samples.png (a row per prompt)')
     if images:
-        sample = dataclasses.replace(chameleon.TEXT, **{k: v for k, v in (
-            ('temperature', _TEMPERATURE.value), ('top_p', _TOP_P.value), ('top_k', _TOP_K.value),
-            ('repetition_penalty', _REPETITION.value)) if given(k)})
+        sample = dataclasses.replace(chameleon.TEXT, **_given_sampling('temperature', 'top_p', 'top_k',
+                                                                       'repetition_penalty'))
         written = chameleon.image_to_text(gen, np.stack(images), question=_QUESTION.value, sample=sample,
                                           end_of_turn=_END_OF_TURN.value, rng=jax.random.key(_SEED.value))
         record = [{'image': path, 'caption': text} for path, text in zip(_IMAGE.value, written)]

@@ -1,6 +1,6 @@
 """`cm3jax sample` on an instruction-tuned model (docs/sft.md): editing (``--edit`` with
 ``--image``), answering (``--question`` with ``--image``) and structure-guided drawing
-(``--edge`` with ``--prompt``), each output saved beside a JSON record of what was asked."""
+(``--edge`` with ``--prompt``); each writes its output and a JSON record of what was asked."""
 
 from __future__ import annotations
 
@@ -25,6 +25,11 @@ def run(gen, *, images: list, image_paths: list[str], edits: list[str], question
         prompts: list[str], sample, edit_sample, num: int, seed: int, where: pathlib.Path) -> None:
     import jax
     from cm3jax.sample import generate
+    if question is not None and not images:
+        raise ValueError('--question asks about an --image: give one or more --image=PNG')
+    if prompts and not edges:
+        raise ValueError('--prompt on an instruction run is the caption of an --edge=PNG map: give one --edge per '
+                         '--prompt (or sample without --edit/--question to draw from captions)')
     where.mkdir(parents=True, exist_ok=True)
     rng = jax.random.key(seed)
     if edits:
@@ -45,4 +50,5 @@ def run(gen, *, images: list, image_paths: list[str], edits: list[str], question
         _pair('--edge', len(edges), '--prompt', len(prompts))
         out = generate.structure(gen, np.stack(edges), prompts, num=num, sample=sample, rng=rng)
         _save_rows(np.concatenate([np.stack(edges)[:, None], out], axis=1), where / 'structure.png')
+        (where / 'structure.json').write_text(json.dumps({'captions': prompts, 'sample': vars(sample)}, indent=1))
         print(f'{len(edges)} edge map(s) x {num}: {where}/structure.png (a row per edge map: it, then the images)')

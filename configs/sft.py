@@ -50,7 +50,9 @@ def get_config(arg: str = 'shapes') -> ConfigDict:
         # 'cm3': the paper's loss on the whole sequence with CM3 spans; 'prompt': Chameleon's, the output only
         'loss': 'cm3',
         'cm3_rate': 0.3, 'cm3_min_spans': 0, 'cm3_max_spans': 4,
-        'condition_dropout': 0.1,    # each condition (the edit's image and instruction) -> <mask>: guidance's streams
+        # guidance's streams: all conditions -> <mask> at this rate, the text ones alone at it again
+        'condition_dropout': 0.1,
+        'caption_dropout': 0.0,      # the pretrained run's, copied by `with_pretrained` (sampling reads it)
         'shapes_examples': 400 if tiny else 6000,  # per task, for training
         'eval_examples': 32 if tiny else 128,      # per task, held out (the eval loss)
         'world': {'canvas': 16, 'min_objects': 1, 'max_objects': 1} if tiny else

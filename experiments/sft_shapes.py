@@ -15,8 +15,9 @@ after on ``--items`` held-out examples of each task (unseen scenes):
   write      how-to-write legibility: the string read back by template matching
   caption    captioning exact match (SFT should keep it)
 
-Writes ``sft_shapes.md`` (the table), ``.json`` ({metric: {before, after, n}}) and ``.png``
-(before/after examples per task) into ``--results``.
+Writes ``sft_shapes.md`` (the table), ``sft_shapes.json`` ({metric: {before, after, n}}),
+``sft_shapes.png`` (before/after examples per task) and ``sft_shapes_run.json`` (the command,
+settings, timings and a few answers and captions) into ``--results``.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def evaluate(gen, config, args, n: int, desc: str) -> tuple[dict, dict]:
     from tqdm import tqdm
     from cm3jax.data.worlds import glyphs, shapes, shapes_judge
     from cm3jax.eval import instructions as judge
+    from cm3jax.sft import tasks
     from cm3jax.sample import decode as dec, generate
     world = shapes.ShapesConfig(**config.data.world.to_dict())
     draw = dec.SampleConfig(temperature=args.temperature, top_p=args.top_p)
@@ -126,8 +128,7 @@ def evaluate(gen, config, args, n: int, desc: str) -> tuple[dict, dict]:
             outputs[task] = out
         else:
             out = generate.write(gen, [x['text'] for x in m], sample=draw, rng=rng)[:, 0]
-            wc = glyphs.WriteConfig(canvas=world.canvas, scale=2 if world.canvas >= 32 else 1)
-            metrics['write'] = [glyphs.legible(im, x['text'], wc) for im, x in zip(out, m)]
+            metrics['write'] = [glyphs.legible(im, x['text'], tasks.write_config(world)) for im, x in zip(out, m)]
             outputs[task] = out
     return metrics, outputs
 
@@ -199,13 +200,14 @@ def main(argv=None) -> int:
                'n': len(judged['after'][k])} for k in judged['after']}
     record = {'command': 'python ' + ' '.join(['experiments/sft_shapes.py', *(argv if argv is not None else
                                                                              sys.argv[1:])]),
-              'results': out, 'sft_steps': int(summary['step']), 'sft_seconds': round(trained, 1),
+              'sft_steps': int(summary['step']), 'sft_seconds': round(trained, 1),
               'loss': config.data.loss, 'learning_rate': config.optim.learning_rate,
               'sampling': {'temperature': args.temperature, 'top_p': args.top_p, 'edit_cfg': args.edit_cfg,
                            'edit_image_cfg': args.edit_image_cfg},
               'final_train_loss': summary.get('loss'), 'eval_loss': summary.get('eval/loss'),
               'answers_after': outputs['after']['vqa'][:8], 'captions_after': outputs['after']['caption'][:8]}
-    (results / 'sft_shapes.json').write_text(json.dumps(record, indent=1))
+    (results / 'sft_shapes.json').write_text(json.dumps(out, indent=1))
+    (results / 'sft_shapes_run.json').write_text(json.dumps(record, indent=1))
     text = (f'# SFT on the Shapes task mixture: before and after\n\n`{record["command"]}`\n\n'
             f'{summary["step"]} steps of configs/sft.py:shapes (loss {config.data.loss}, lr '
             f'{config.optim.learning_rate:g}) in {trained / 60:.1f} min; {args.items} held-out examples per task '
@@ -213,7 +215,7 @@ def main(argv=None) -> int:
     (results / 'sft_shapes.md').write_text(text)
     picture(outputs['before'], outputs['after'], config, results / 'sft_shapes.png')
     print(text)
-    print(f'wrote {results}/sft_shapes.md, .json and .png')
+    print(f'wrote {results}/sft_shapes.md, .json, .png and _run.json')
     return 0
 
 

@@ -133,6 +133,10 @@ def test_the_whole_sequence_loss_uses_cm3_spans_that_never_cross_a_break(tok):
         sentinel = np.isin(tokens, v.sentinels)
         assert (weights[sentinel] == 0).all() and (weights[~sentinel] == 1).all()  # the whole sequence
         first_moved = np.flatnonzero(tokens == v.sentinel(0))
+        if task == 'vqa':  # the answer is always <mask:0>, the form generation asks in
+            answer = segments[1]
+            np.testing.assert_array_equal(tokens[first_moved[1] + 1:first_moved[1] + 1 + len(answer)], answer)
+            assert tokens[first_moved[1] + 1 + len(answer)] == v.eoss
         if len(first_moved) > 1:
             moved_any += 1
             tail = tokens[first_moved[1]:-1]  # every moved span: <mask:k> ids <eoss>, none holds a <break>
@@ -140,15 +144,24 @@ def test_the_whole_sequence_loss_uses_cm3_spans_that_never_cross_a_break(tok):
     assert moved_any > 20
 
 
-def test_condition_dropout_masks_the_edits_image_and_instruction(tok):
-    cfg = sft_data.SFTDataConfig(seq_len=256, batch=1, weights={'edit': 1}, loss='prompt', condition_dropout=0.5)
+def test_condition_dropout_trains_the_streams_of_guidance(tok):
+    """Edits: both conditions masked (the "none" stream) at the rate, the instruction alone (the
+    "image only" stream) at it again, never the image alone (no stream asks for that)."""
+    cfg = sft_data.SFTDataConfig(seq_len=256, batch=1, weights={'edit': 1}, loss='prompt', condition_dropout=0.25)
     segments, is_image, header = _record(tasks.example('edit', WORLD, 0, 0), tok)
-    masks = [int((sft_data.example_tokens(segments, is_image, header, tok.vocab, np.random.default_rng(i), cfg)[0]
-                  == tok.vocab.mask).sum()) for i in range(400)]
-    assert abs(np.mean(masks) - 1.0) < 0.15 and max(masks) == 2 and min(masks) == 0
-    tokens, weights = sft_data.example_tokens(segments, is_image, header, tok.vocab, np.random.default_rng(
-        next(i for i, m in enumerate(masks) if m == 2)), cfg)
-    assert (weights[tokens == tok.vocab.mask] == 0).all()
+    v = tok.vocab
+    seen = {}
+    for i in range(800):
+        tokens, weights = sft_data.example_tokens(segments, is_image, header, v, np.random.default_rng(i), cfg)
+        prompt = tokens[:np.flatnonzero(tokens == v.break_)[2] + 1]  # up to the <break> before image2
+        image_kept = v.is_image(prompt).sum() == len(segments[1])
+        kind = ('none' if not image_kept else 'image only') if (tokens == v.mask).any() else 'full'
+        seen[kind] = seen.get(kind, 0) + 1
+        assert (weights[tokens == v.mask] == 0).all() and (tokens == v.mask).sum() == {'full': 0, 'image only': 1,
+                                                                                       'none': 2}[kind]
+    assert abs(seen['none'] / 800 - 0.25) < 0.05 and abs(seen['image only'] / 800 - 0.25) < 0.05
+    with pytest.raises(ValueError, match='condition_dropout'):
+        sft_data.SFTDataConfig(seq_len=8, batch=1, weights={'edit': 1}, condition_dropout=0.6)
 
 
 def test_mixture_rates_match_the_weights_and_thresholds():
@@ -158,6 +171,9 @@ def test_mixture_rates_match_the_weights_and_thresholds():
     rates = mixture.mixture_rates(weights, min_rate=0.1, max_rate=0.5)
     assert rates['edit'] == pytest.approx(0.5) and rates['write'] == pytest.approx(0.1)
     assert rates['vqa'] == pytest.approx(0.2) and sum(rates.values()) == pytest.approx(1.0)
+    # one task capped, the others raised to the floor and past it: what is left is shared by weight
+    both = mixture.mixture_rates({'edit': 10, 'vqa': 1, 'caption': 1, 'write': 1}, min_rate=0.1, max_rate=0.4)
+    assert both == pytest.approx({'edit': 0.4, 'vqa': 0.2, 'caption': 0.2, 'write': 0.2})
     n = 10_000
     counts = mixture.draws(rates, seed=3, n=n)
     for task, r in rates.items():

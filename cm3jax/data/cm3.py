@@ -51,13 +51,15 @@ def maskable_runs(tokens: np.ndarray, vocab, blocked: np.ndarray | None = None) 
 
 def sample_spans(tokens: np.ndarray, vocab, rng: np.random.Generator, cfg: CM3Config,
                  forced: tuple[tuple[int, int], ...] = ()) -> list[tuple[int, int]]:
-    """Sorted, disjoint, non-empty [start, stop) spans inside `maskable_runs`, plus ``forced``.
+    """Disjoint, non-empty [start, stop) spans inside `maskable_runs`, in sentinel order: the
+    ``forced`` ones first, then the drawn ones sorted by position.
 
     Each span picks a run with probability proportional to its number of possible spans, then
     a uniform (start, stop) within it; overlaps are redrawn. When the document has too little
     room (short runs), fewer spans come back. ``forced`` spans (an instruction example's answer,
-    which must come after what it answers) are always among them, and count towards the
-    sentinels but not towards the drawn number.
+    which must come after what it answers) take the first sentinels and move first, so the
+    answer is ``<mask:0>`` whatever else is masked, as generation asks for it; they do not count
+    towards the drawn number.
     """
     forced = [(int(a), int(b)) for a, b in forced]
     n = int(np.clip(rng.poisson(cfg.rate), cfg.min_spans, min(cfg.max_spans, len(vocab.sentinels) - len(forced))))
@@ -66,11 +68,11 @@ def sample_spans(tokens: np.ndarray, vocab, rng: np.random.Generator, cfg: CM3Co
         taken[a:b] = True
     runs = maskable_runs(tokens, vocab, taken)
     if n <= 0 or not runs:
-        return sorted(forced)
+        return forced
     lengths = np.array([b - a for a, b in runs], np.float64)
     choices = lengths * (lengths + 1) / 2  # spans per run
     p = choices / choices.sum()
-    spans = list(forced)
+    spans = []
     for _ in range(n):
         for _ in range(cfg.max_tries):
             a, b = runs[rng.choice(len(runs), p=p)]
@@ -79,7 +81,7 @@ def sample_spans(tokens: np.ndarray, vocab, rng: np.random.Generator, cfg: CM3Co
                 taken[i:j] = True
                 spans.append((int(i), int(j)))
                 break
-    return sorted(spans)
+    return forced + sorted(spans)
 
 
 def transform(tokens: np.ndarray, vocab, rng: np.random.Generator, cfg: CM3Config = CM3Config(),
@@ -89,36 +91,39 @@ def transform(tokens: np.ndarray, vocab, rng: np.random.Generator, cfg: CM3Confi
     (`sample_spans`)."""
     tokens = np.asarray(tokens, np.int32)
     out, _ = rearrange(tokens, sample_spans(tokens, vocab, rng, cfg, forced), vocab, cfg.end_of_span)
-    return out, _weights(out, vocab)
+    return out, loss_weights(out, vocab)
 
 
 def rearrange(tokens: np.ndarray, spans: list[tuple[int, int]], vocab, end_of_span: bool = True,
               values: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Move sorted disjoint ``spans`` of Int[T] ``tokens`` (ending in ``<eos>``) to the end as
-    CM3 does -> (tokens, values moved alike): ``values`` [T] is any per-token label (which
-    tokens are an instruction's output, say); a span's sentinels take 0 and its ``<eoss>`` the
-    label of the span's last token."""
+    """Move disjoint ``spans`` of Int[T] ``tokens`` (ending in ``<eos>``) to the end as CM3
+    does -> (tokens, values moved alike). Span k gets ``<mask:k>`` and they move in that order
+    (`sample_spans`' order). ``values`` [T] is any per-token label (which tokens are an
+    instruction's output, say); a span's sentinels take 0 and its ``<eoss>`` the label of the
+    span's last token."""
     tokens = np.asarray(tokens, np.int32)
-    vals = np.zeros(len(tokens), np.float32) if values is None else np.asarray(values)
     if not spans:
-        return tokens, None if values is None else vals
+        return tokens, values
+    vals = np.zeros(len(tokens), np.float32) if values is None else np.asarray(values)
     ends_in_eos = len(tokens) > 0 and tokens[-1] == vocab.eos
-    zero = vals[:0]
     body, moved, body_v, moved_v, prev = [], [], [], [], 0
-    for k, (i, j) in enumerate(spans):
+    for i, j, k in sorted((i, j, k) for k, (i, j) in enumerate(spans)):  # the body in position order
         s = vocab.sentinel(k)
         body += [tokens[prev:i], [s]]
         body_v += [vals[prev:i], np.zeros(1, vals.dtype)]
+        prev = j
+    for k, (i, j) in enumerate(spans):
+        s = vocab.sentinel(k)
         moved += [[s], tokens[i:j]] + ([[vocab.eoss]] if end_of_span else [])
         moved_v += [np.zeros(1, vals.dtype), vals[i:j]] + ([vals[j - 1:j]] if end_of_span else [])
-        prev = j
     stop = len(tokens) - int(ends_in_eos)
     out = np.concatenate([*body, tokens[prev:stop], *moved, [vocab.eos] if ends_in_eos else []]).astype(np.int32)
-    out_v = np.concatenate([*body_v, vals[prev:stop], *moved_v, vals[stop:] if ends_in_eos else zero])
+    out_v = np.concatenate([*body_v, vals[prev:stop], *moved_v, vals[stop:] if ends_in_eos else vals[:0]])
     return out, None if values is None else out_v.astype(vals.dtype)
 
 
-def _weights(tokens: np.ndarray, vocab) -> np.ndarray:
+def loss_weights(tokens: np.ndarray, vocab) -> np.ndarray:
+    """Float32[T]: 0 on sentinels and ``<mask>``, 1 elsewhere (the module docstring's rule)."""
     cm3_ids = (*vocab.sentinels, *(() if vocab.mask is None else (vocab.mask,)))  # Chameleon's vocab may have none
     return np.where(np.isin(tokens, cm3_ids), 0.0, 1.0).astype(np.float32)
 

@@ -56,8 +56,8 @@ def write(text: str, image=None) -> Template:
     return Template((f'draw "{text}"', image), (False, True))
 
 
-def vqa(image, question_: str, answer: str = '') -> Template:
-    return Template((f'Question: {question_} Answer:', f' {answer}', '.', image), (False, True, False, False))
+def vqa(image, question: str, answer: str = '') -> Template:
+    return Template((f'Question: {question} Answer:', f' {answer}', '.', image), (False, True, False, False))
 
 
 def caption(image, text: str = '') -> Template:

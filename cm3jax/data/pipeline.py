@@ -77,6 +77,12 @@ class Packer:
 
     # ---- Packing ----
 
+    def example(self, index: int):
+        """(tokens Int32[T], weights Float32[T]) of example ``index``, as trained, or None if its
+        record is corrupt."""
+        ex = self.examples[index]
+        return None if isinstance(ex[0], str) else ex
+
     def _row(self) -> dict[str, np.ndarray]:
         n = self.seq_len + 1
         tokens = np.full(n, self.vocab.pad, np.int32)
@@ -201,11 +207,6 @@ class Pipeline(Packer):
                 tokens = np.concatenate([before, tokens])
                 weights = np.concatenate([np.full(len(before), self.cfg.retrieved_weight, np.float32), weights])
         return tokens, weights
-
-    def example(self, index: int):
-        """(tokens Int32[T], weights Float32[T]) of example ``index``, or None if its record is corrupt."""
-        ex = self.examples[index]
-        return None if isinstance(ex[0], str) else ex
 
     def report(self) -> str:
         text = (f'{self.position} examples read from {len(self.shards)} shards ({self.num_documents} documents); '

@@ -180,13 +180,15 @@ def loss(env: Env) -> step_lib.LossFn:
     return lm_loss_fn(env.model.module, env.config.loss.z_loss, group_fn=env.model.group_fn)
 
 
-def evals(env: Env, writer: metrics_lib.MetricWriter) -> list[loop.Hook]:
+def evals(env: Env, writer: metrics_lib.MetricWriter, batches: Callable[[], Any] | None = None) -> list[loop.Hook]:
+    """The held-out loss every ``train.eval_every`` steps, and a progress line; ``batches``: () ->
+    the held-out global batches (default `eval_batches`; SFT gives its mixture's)."""
     every = env.config.train.eval_every
     if not every:
         return []
     eval_step = jax.jit(step_lib.make_eval_step(loss(env)))
     line = lambda info: env.say(f'step {info.step}: {progress_line(info.metrics, env.model.entropy)}')  # noqa: E731
-    return [loop.eval_hook(eval_step, eval_batches(env), writer, every), loop.Hook(line, every)]
+    return [loop.eval_hook(eval_step, batches or eval_batches(env), writer, every), loop.Hook(line, every)]
 
 
 def summary(env: Env, scalars: dict) -> tuple[dict, str]:

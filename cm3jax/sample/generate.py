@@ -197,14 +197,8 @@ def continue_document(gen: Generator, segments: Sequence[documents.Segment], *, 
     """An interleaved continuation: the document so far (text and uint8 images) -> its next
     segments, decoded (str, or uint8 images), until ``<eos>`` or ``max_new`` tokens."""
     v = gen.vocab
-    ids, is_image = [], []
-    for s in segments:
-        if isinstance(s, str):
-            ids.append(gen.text(s))
-        else:
-            ids.append(np.asarray(v.image_ids(np.asarray(vq.encode(gen.vq_params, np.asarray(s)[None],
-                                                                    gen.vq_cfg)).reshape(-1)), np.int32))
-        is_image.append(not isinstance(s, str))
+    ids = [segment_ids(gen, s) for s in segments]
+    is_image = [not isinstance(s, str) for s in segments]
     if not ids:
         raise ValueError('continue_document needs at least one segment to continue')
     prompt = documents.join(ids, is_image, v)
@@ -271,7 +265,8 @@ def image_nll(gen: Generator, captions: Sequence[str | None], images: np.ndarray
 EDIT_SAMPLE = dec.SampleConfig(cfg_scale=7.5, image_cfg_scale=1.5)  # the paper's text and image guidance
 
 
-def _segment_ids(gen: Generator, seg) -> np.ndarray:
+def segment_ids(gen: Generator, seg) -> np.ndarray:
+    """A text (str) or image (uint8 [R, R, C]) segment -> its joint-vocab ids Int32[n]."""
     if isinstance(seg, str):
         return gen.text(seg)
     image = np.asarray(seg)
@@ -283,10 +278,11 @@ def _segment_ids(gen: Generator, seg) -> np.ndarray:
 
 
 def instruction_prompt(gen: Generator, tpl: ins.Template, masked: tuple[int, ...] = ()) -> np.ndarray:
-    """The tokens a template is generated from: for an output at its end, the segments before it
-    and the ``<break>`` that opens it; for one before other segments (VQA's answer), CM3's infill
-    form, ``... <mask:0> ... <mask:0>``. Segments in ``masked`` become ``<mask>`` (the
-    unconditional streams of guidance), keeping their place and modality."""
+    """The tokens a template is generated from: for an image output at its end, the segments
+    before it and the ``<break>`` that opens it (Chameleon's layout: its begin-image mark); for
+    an output before other segments (VQA's answer), CM3's infill form, ``... <mask:0> ...
+    <mask:0>``. Segments in ``masked`` become ``<mask>`` (the unconditional streams of guidance),
+    keeping their place and modality."""
     v = gen.vocab
     first = tpl.output.index(True)
     infill = any(not o for o in tpl.output[first:])
@@ -298,7 +294,7 @@ def instruction_prompt(gen: Generator, tpl: ins.Template, masked: tuple[int, ...
         elif k in masked:
             ids.append(np.array([v.require_mask()], np.int32))
         else:
-            ids.append(_segment_ids(gen, seg))
+            ids.append(segment_ids(gen, seg))
         is_image.append(seg is not None and not isinstance(seg, str))
     body = documents.join(ids, is_image, v)
     return np.concatenate([body, [v.sentinel(0) if infill else v.break_]]).astype(np.int32)

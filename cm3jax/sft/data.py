@@ -12,9 +12,11 @@
 
 An output that does not end its template (VQA's answer, before the image it is about) is always
 moved to the end as a CM3 span, in both variants: it must come after what it depends on, and
-`generate.answer` asks for it in that infill form. Condition dropout replaces each condition of
-a template (the edit's first image and its instruction) with ``<mask>`` (weight 0), so that the
-three streams of `generate.edit` (full, image only, none) are all trained.
+`generate.answer` asks for it in that infill form (it takes ``<mask:0>`` whatever else CM3
+masks). Condition dropout trains the unconditional streams of guidance, as InstructPix2Pix
+does: with probability ``condition_dropout`` every condition of a template (the edit's first
+image and instruction) becomes ``<mask>`` (weight 0), the "none" stream; with the same
+probability only its text conditions do, the "image only" stream of `generate.edit`.
 """
 
 from __future__ import annotations
@@ -42,13 +44,14 @@ class SFTDataConfig:
     max_rate: float = 1.0            # down-sampling threshold
     loss: str = 'cm3'
     cm3: cm3.CM3Config = cm3.CM3Config(rate=0.5)
-    condition_dropout: float = 0.1   # per condition, independently
+    condition_dropout: float = 0.1   # each of the two dropped layouts (module docstring)
 
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise ValueError(f'sft loss {self.loss!r}; choose from {LOSSES}')
-        if not 0 <= self.condition_dropout <= 1:
-            raise ValueError(f'condition_dropout={self.condition_dropout} must lie in [0, 1]')
+        if not 0 <= self.condition_dropout <= 0.5:
+            raise ValueError(f'condition_dropout={self.condition_dropout} must lie in [0, 0.5] (it is the rate of '
+                             f'each of two dropped layouts)')
         if self.seq_len < 2 or self.batch < 1:
             raise ValueError(f'need seq_len >= 2 and batch >= 1; got {self.seq_len}, {self.batch}')
 
@@ -73,9 +76,12 @@ def example_tokens(segments: list[np.ndarray], is_image: list[bool], header: dic
     output = [bool(o) for o in header['output']]
     if len(output) != len(segments) or not any(output):
         raise ValueError(f'header output flags {output} do not fit its {len(segments)} segments')
-    segments = list(segments)
-    for k in header.get('condition', ()):
-        if rng.random() < cfg.condition_dropout:
+    segments, conditions = list(segments), list(header.get('condition', ()))
+    if conditions and cfg.condition_dropout:
+        u = rng.random()
+        dropped = (conditions if u < cfg.condition_dropout else
+                   [k for k in conditions if not is_image[k]] if u < 2 * cfg.condition_dropout else [])
+        for k in dropped:
             segments[k] = np.array([vocab.require_mask()], np.int32)
     tokens, owner = documents.join_owned(segments, is_image, vocab)
     tokens, owner = np.append(tokens, vocab.eos).astype(np.int32), np.append(owner, len(segments) - 1)
@@ -87,7 +93,7 @@ def example_tokens(segments: list[np.ndarray], is_image: list[bool], header: dic
     else:
         spans = forced
     tokens, is_output = cm3.rearrange(tokens, spans, vocab, cfg.cm3.end_of_span, is_output)
-    weights = cm3._weights(tokens, vocab)
+    weights = cm3.loss_weights(tokens, vocab)
     if cfg.loss == 'prompt':
         weights = weights * is_output
     return tokens, weights.astype(np.float32)
@@ -123,12 +129,16 @@ class SFTData(Packer):
         self.rates = mixture.mixture_rates(cfg.weights, cfg.min_rate, cfg.max_rate)
         self.records, self.shards = {}, []
         for task in self.rates:
-            entries = [s for s in manifest['shards'] if s.get('task') == task]
-            mine = entries[process_index::process_count] or entries  # a task of fewer shards is read by all
-            self.records[task] = shards_lib.ShardRecords(self.data_dir, mine)
-            self.shards += [self.data_dir / s['path'] for s in mine]
+            # every process reads all of a task's shards: examples are drawn with replacement by
+            # each process's own generator, so the processes' streams differ anyway
+            entries = [s for s in manifest['shards'] if s.get('task') == task and s['documents']]
+            if not entries and self.rates[task] > 0:
+                raise ValueError(f'task {task!r} has a weight but no examples in {data_dir}: prepare some or '
+                                 f'drop its weight')
+            self.records[task] = shards_lib.ShardRecords(self.data_dir, entries)
+            self.shards += [self.data_dir / s['path'] for s in entries]
         self.num_documents = sum(len(r) for r in self.records.values())
-        self.where = f"{self.data_dir} (this process's {len(self.shards)} shards)"
+        self.where = f'{self.data_dir} ({len(self.shards)} shards)'
         self.examples = _Examples(self._example)
         self._start()
 
@@ -144,13 +154,9 @@ class SFTData(Packer):
             segments, is_image, header = documents.decode_record(records[i], self.vocab.size)
             return example_tokens(segments, is_image, header, self.vocab, rng, self.cfg)
         except (ValueError, KeyError) as e:  # CorruptRecord, or a header that does not fit its record
-            reason, detail = (e.reason, e.detail) if isinstance(e, documents.CorruptRecord) else ('bad header', str(e))
+            reason, detail = ((e.reason, e.detail) if isinstance(e, documents.CorruptRecord)
+                              else ('unusable example', f'{type(e).__name__}: {e}'))
             return f'{reason} ({task}: {records.shard_of(i)})', detail
-
-    def example(self, index: int):
-        """(tokens, weights) of example ``index`` (as trained), or None when its record is corrupt."""
-        ex = self.examples[index]
-        return None if isinstance(ex[0], str) else ex
 
     def report(self) -> str:
         rates = ', '.join(f'{t} {r:.0%}' for t, r in self.rates.items())

@@ -37,7 +37,7 @@ class RowError(ValueError):
 
     def __init__(self, where: str, field: str, problem: str, reason: str):
         super().__init__(f'{where}: {field}: {problem}')
-        self.where, self.field, self.reason = where, field, reason
+        self.where, self.field, self.problem, self.reason = where, field, problem, reason
 
 
 def read_row(line: str, where: str, folder: pathlib.Path, size: int | None = None) -> Document:
@@ -68,7 +68,12 @@ def read_row(line: str, where: str, folder: pathlib.Path, size: int | None = Non
             segments.append(seg['text'])
         else:
             segments.append(_image(seg['image'], where, f'{field}.image', folder, size))
-        output.append(bool(seg.get('output', False)))
+        for flag in ('output', 'condition'):
+            if not isinstance(seg.get(flag, False), bool):
+                raise RowError(where, f'{field}.{flag}', f'must be true or false, got {seg[flag]!r}', 'bad segments')
+        if seg.get('output', False) and seg.get('condition', False):
+            raise RowError(where, field, 'an output cannot also be a condition', 'bad segments')
+        output.append(seg.get('output', False))
         if seg.get('condition', False):
             condition.append(k)
     if not any(output):
@@ -119,8 +124,8 @@ class JsonlSource(sources.Source):
         where = f'{self.path.name}:{n}'
         try:
             return read_row(line, where, self.path.parent, self.size)
-        except RowError as e:
-            raise sources.Skip(e.reason, where, f'{e.field}: {str(e).split(": ", 2)[-1]}') from None
+        except RowError as e:  # counted by reason, with the line and field it was
+            raise sources.Skip(e.reason, f'{where} {e.field}', e.problem) from None
 
 
 def tasks_by_line(path: str | pathlib.Path, stats: sources.SourceStats) -> dict[str, set[int]]:
@@ -139,7 +144,7 @@ def tasks_by_line(path: str | pathlib.Path, stats: sources.SourceStats) -> dict[
                 if task not in tasks.TASKS:  # read_row names the problem
                     read_row(line, where, path.parent, 0)
             except (RowError, json.JSONDecodeError) as e:
-                stats.skip(getattr(e, 'reason', 'bad json'), where)
+                stats.skip(getattr(e, 'reason', 'bad json'), f'{where} {getattr(e, "field", "line")}')
                 continue
             out.setdefault(task, set()).add(n)
     return out

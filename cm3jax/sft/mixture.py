@@ -3,10 +3,10 @@
     rates = mixture_rates({'edit': 2, 'vqa': 1, 'caption': 1}, min_rate=0.1, max_rate=0.5)
     task_of(index, rates, seed)     # the task of example `index`: a pure function, so resumable
 
-A task's rate is its weight over the sum, then clipped into ``[min_rate, max_rate]``, the
+A task's rate is its weight over the sum, clipped into ``[min_rate, max_rate]``, the
 up-sampling and down-sampling thresholds: a small task is drawn at least ``min_rate`` of the
-time, a large one at most ``max_rate``, and the other tasks share what is left in proportion to
-their weights (clipped again until nothing moves). Within a task, each example picks one of the
+time, a large one at most ``max_rate``, and the tasks between the thresholds share what is left
+in proportion to their weights. Within a task, each example picks one of the
 task's records uniformly (with replacement), so a small task up-sampled past its size repeats.
 """
 
@@ -32,7 +32,8 @@ def parse_weights(spec: str) -> dict[str, float]:
 
 
 def mixture_rates(weights: dict[str, float], min_rate: float = 0.0, max_rate: float = 1.0) -> dict[str, float]:
-    """{task: weight} -> {task: rate}, the rates summing to 1 (module docstring)."""
+    """{task: weight} -> {task: rate}: ``clip(c * weight, min_rate, max_rate)``, with the one c
+    that makes the rates sum to 1 (module docstring)."""
     names = list(weights)
     w = np.array([weights[n] for n in names], np.float64)
     if (w < 0).any() or w.sum() <= 0:
@@ -41,18 +42,15 @@ def mixture_rates(weights: dict[str, float], min_rate: float = 0.0, max_rate: fl
     if not 0 <= min_rate <= 1.0 / k <= max_rate <= 1:
         raise ValueError(f'need 0 <= min_rate ({min_rate}) <= 1/{k} tasks <= max_rate ({max_rate}) <= 1, or no '
                          f'rates can sum to 1')
-    rate = w / w.sum()
-    fixed = np.zeros(k, bool)
-    for _ in range(k + 1):  # each pass fixes at least one more task at a threshold, or stops
-        free = ~fixed
-        left = 1.0 - rate[fixed].sum()
-        share = w[free] / w[free].sum() * left if w[free].sum() > 0 else np.full(free.sum(), left / free.sum())
-        rate[free] = share
-        low, high = free & (rate < min_rate - 1e-12), free & (rate > max_rate + 1e-12)
-        if not (low.any() or high.any()):
-            break
-        rate[low], rate[high] = min_rate, max_rate
-        fixed |= low | high
+    total = lambda c: np.clip(c * w, min_rate, max_rate).sum()  # noqa: E731  (non-decreasing in c)
+    lo, hi = 0.0, 1.0 / w[w > 0].min()  # at hi every weighted task reaches max_rate's side of 1/k
+    while total(hi) < 1.0 - 1e-12:
+        hi *= 2
+    for _ in range(200):  # bisection to float precision
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if total(mid) < 1.0 else (lo, mid)
+    rate = np.clip(hi * w, min_rate, max_rate)
+    rate /= rate.sum()  # the last ulp
     return {n: float(r) for n, r in zip(names, rate)}
 
 

@@ -56,11 +56,14 @@ def tokenizers_of(pretrained: str | pathlib.Path) -> Tokenizers:
 
 
 def prepare_tasks(out_dir: str | pathlib.Path, task_sources: dict[str, list], tok: Tokenizers,
-                  cfg: prepare.PrepareConfig = prepare.PrepareConfig()) -> dict:
+                  cfg: prepare.PrepareConfig = prepare.PrepareConfig(),
+                  unsorted: sources.SourceStats | None = None) -> dict:
     """``{task: [sources of Documents]}`` -> the SFT data directory ``out_dir`` (module
-    docstring); returns its manifest. A task whose sources are all empty is left out."""
+    docstring); returns its manifest. A task whose sources are all empty is left out.
+    ``unsorted``: the rows no task's pass reads (`jsonl_sources`), recorded with the others."""
     out_dir = pathlib.Path(out_dir)
-    shards, counts, skipped, first = [], {}, {}, None
+    shards, counts, first = [], {}, None
+    skipped = {'(no task)': dataclasses.asdict(unsorted)} if unsorted is not None and unsorted.skipped else {}
     for task, srcs in task_sources.items():
         tasks.check_task(task)
         docs = _Chain(srcs)
@@ -74,7 +77,8 @@ def prepare_tasks(out_dir: str | pathlib.Path, task_sources: dict[str, list], to
         counts[task] = m['documents']
         shards += [{**s, 'path': f'{task}/{s["path"]}', 'task': task} for s in m['shards'] if s['documents']]
     if first is None:
-        raise ValueError(f'no usable instruction examples for {sorted(task_sources)} (skipped: {skipped})')
+        raise ValueError(f'no usable instruction examples for tasks {sorted(task_sources)} in {out_dir} '
+                         f'(skipped: {skipped or "none"}): give data.shapes_examples > 0 or data.files')
     identity = {k: first[k] for k in ('vocab', 'vocab_fingerprint', 'text_tokenizer', 'image_tokenizer',
                                       'image_shape', 'shard_size')}
     manifest = {**identity, 'tasks': counts, 'shards': shards, 'documents': sum(counts.values()),
@@ -109,7 +113,8 @@ class _Chain:
             for reason, n in st.reasons.items():
                 out.skipped += n
                 out.reasons[reason] = out.reasons.get(reason, 0) + n
-                out.examples.setdefault(reason, []).extend(st.examples.get(reason, [])[:sources.MAX_EXAMPLES])
+                kept = out.examples.setdefault(reason, [])
+                kept += st.examples.get(reason, [])[:sources.MAX_EXAMPLES - len(kept)]
         return out
 
 

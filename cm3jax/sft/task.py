@@ -12,6 +12,7 @@ Instruction files (``data.files``) are prepared alongside.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
@@ -28,7 +29,8 @@ from cm3jax.train.run import Env, Task
 def with_pretrained(config, init_from: str | None) -> ConfigDict:
     """``config`` with the ``model`` of the pretrained run it fine-tunes (and ``init_from``
     recorded); ``model.max_len`` may grow by ``config.max_len`` for RoPE models, whose
-    parameters do not depend on it."""
+    parameters do not depend on it. The pretrained run's caption dropout is kept too: sampling
+    reads it to know the unconditional stream's token."""
     source = init_from or config.get('init_from', '')
     if not source:
         raise ConfigError('SFT fine-tunes a pretrained model: give --init_from=RUN (a `cm3jax train` run on '
@@ -43,10 +45,10 @@ def with_pretrained(config, init_from: str | None) -> ConfigDict:
     config = ConfigDict(config.to_dict())
     config.init_from = str(source)
     model = pretrained['model']
-    for key in ('image_ids',):  # JSON lists back to the tuples the presets hold
-        if isinstance(model.get(key), list):
-            model[key] = tuple(model[key])
+    if isinstance(model.get('image_ids'), list):  # JSON's list back to the presets' tuple
+        model['image_ids'] = tuple(model['image_ids'])
     config.model = ConfigDict(model)
+    config.data.caption_dropout = float(pretrained.get('data', {}).get('caption_dropout', 0.0))
     if config.get('max_len', 0):
         if config.max_len != model['max_len'] and model['position'] != 'rope':
             raise ConfigError(f'max_len={config.max_len}: only a RoPE model can change its context (this one has '
@@ -64,40 +66,56 @@ def data_config(config, seed: int) -> sft_data.SFTDataConfig:
         condition_dropout=d.condition_dropout)
 
 
+def check_vocab(config, vocab, where: str) -> None:
+    """What the mixture and loss need of the vocab: CM3 sentinels (the loss 'cm3', VQA's infill
+    form) and ``<mask>`` (condition dropout); Chameleon's layout has neither."""
+    d = config.data
+    if not vocab.sentinels and (d.loss == 'cm3' or 'vqa' in mixture.parse_weights(d.weights)):
+        raise ConfigError(f'{where}\'s vocab has no CM3 sentinels (Chameleon\'s layout): train with '
+                          f'--config.data.loss=prompt, and without vqa, whose answer needs the infill form')
+    if vocab.mask is None and d.condition_dropout:
+        raise ConfigError(f'{where}\'s vocab has no <mask> to drop conditions into: set '
+                          f'--config.data.condition_dropout=0')
+    if d.loss == 'cm3' and d.cm3_max_spans + 1 > len(vocab.sentinels):
+        raise ConfigError(f'data.cm3_max_spans={d.cm3_max_spans} plus the answer span exceeds the '
+                          f'{len(vocab.sentinels)} sentinels of {where}\'s vocab: lower it')
+
+
 def ensure_data(config, workdir: pathlib.Path, say) -> None:
     """Prepare the mixture's examples (once) when ``data.dir`` is empty; sets ``data.dir`` and
-    ``data.eval_dir`` to where they are."""
+    ``data.eval_dir`` to where they are (no held-out set when ``data.eval_examples`` is 0)."""
     d = config.data
     if d.dir:
         return
     weights = mixture.parse_weights(d.weights)
     for name in weights:
         tasks.check_task(name)
-    d.dir, d.eval_dir = str(workdir / 'sft_data'), str(workdir / 'sft_eval')
-    if (pathlib.Path(d.dir) / data_prepare.MANIFEST).exists() and (pathlib.Path(d.eval_dir) /
-                                                                   data_prepare.MANIFEST).exists():
+    d.dir, d.eval_dir = str(workdir / 'sft_data'), str(workdir / 'sft_eval') if d.eval_examples else ''
+    if all((pathlib.Path(p) / data_prepare.MANIFEST).exists() for p in (d.dir, d.eval_dir) if p):
         return
     if jax.process_index() != 0:
         raise ConfigError(f'{d.dir} is not prepared; prepare it on one host first (run once with one process)')
     tok = prepare.tokenizers_of(config.init_from)
+    check_vocab(config, tok.vocab, config.init_from)  # before any preparing
     world = tasks.shapes.ShapesConfig(**d.world.to_dict())
     side = tok.vq_cfg.resolution
-    if world.canvas != side:
+    if world.canvas != side and (d.shapes_examples or d.eval_examples):
         raise ConfigError(f'data.world.canvas={world.canvas} but the pretrained image tokenizer takes {side}x{side}: '
                           f'set --config.data.world.canvas={side}')
-    shapes_tasks = [t for t in weights if d.shapes_examples > 0]
-    say(f'sft data: preparing {d.shapes_examples} Shapes examples per task ({", ".join(shapes_tasks)}) with the '
-        f'tokenizers of {config.init_from}')
-    train = prepare.shapes_sources(world, config.seed, dict.fromkeys(shapes_tasks, d.shapes_examples))
-    files, early = prepare.jsonl_sources([f for f in str(d.files).split(',') if f.strip()], side)
+    train = prepare.shapes_sources(world, config.seed, dict.fromkeys(weights, d.shapes_examples))
+    if d.shapes_examples:
+        say(f'sft data: preparing {d.shapes_examples} Shapes examples per task ({", ".join(weights)}) with the '
+            f'tokenizers of {config.init_from}')
+    files, unsorted = prepare.jsonl_sources([f.strip() for f in str(d.files).split(',') if f.strip()], side)
     for task, srcs in files.items():
         train.setdefault(task, []).extend(srcs)
-    if early.skipped:
-        say(f'sft data: {early.report()}')
+    if unsorted.skipped:
+        say(f'sft data: {unsorted.report()}')
     cfg = data_prepare.PrepareConfig(shard_size=1024, batch=256, progress=config.train.progress)
-    prepare.prepare_tasks(d.dir, train, tok, cfg)
-    held = prepare.shapes_sources(world, config.seed, dict.fromkeys(weights, d.eval_examples), 'validation')
-    prepare.prepare_tasks(d.eval_dir, held, tok, cfg)
+    prepare.prepare_tasks(d.dir, train, tok, cfg, unsorted)
+    if d.eval_dir:
+        held = prepare.shapes_sources(world, config.seed, dict.fromkeys(weights, d.eval_examples), 'validation')
+        prepare.prepare_tasks(d.eval_dir, held, tok, cfg)
 
 
 def build(env: Env) -> lm_task.LM:
@@ -108,16 +126,7 @@ def build(env: Env) -> lm_task.LM:
     data_config(config, config.seed)  # a bad mixture fails before any preparing
     ensure_data(config, env.workdir, env.say)
     lm = lm_task.build(env)
-    d, v = config.data, lm.vocab
-    if not v.sentinels and (d.loss == 'cm3' or 'vqa' in mixture.parse_weights(d.weights)):
-        raise ConfigError(f'{d.dir}\'s vocab has no CM3 sentinels (Chameleon\'s layout): train with '
-                          f'--config.data.loss=prompt, and without vqa, whose answer needs the infill form')
-    if v.mask is None and d.condition_dropout:
-        raise ConfigError(f'{d.dir}\'s vocab has no <mask> to drop conditions into: set '
-                          f'--config.data.condition_dropout=0')
-    if config.data.loss == 'cm3' and config.data.cm3_max_spans + 1 > len(lm.vocab.sentinels):
-        raise ConfigError(f'data.cm3_max_spans={config.data.cm3_max_spans} plus the answer span exceeds the '
-                          f'{len(lm.vocab.sentinels)} sentinels of the vocab: lower it')
+    check_vocab(config, lm.vocab, config.data.dir)
     return lm
 
 
@@ -134,23 +143,16 @@ def train_data(env: Env) -> sft_data.SFTData:
 
 
 def evals(env: Env, writer) -> list:
-    every = env.config.train.eval_every
-    if not every:
-        return []
-    from cm3jax.train import loop, step as step_lib
+    """The LM's held-out loss and progress line, on the mixture's held-out examples."""
     d, t = env.config.data, env.config.train
-    eval_step = jax.jit(step_lib.make_eval_step(lm_task.loss(env)))
 
     def batches():
         held = _data(env, d.eval_dir or d.dir, env.config.seed + 1)
         return (env.global_batch(next(held)) for _ in range(t.eval_batches))
-    line = lambda info: env.say(f'step {info.step}: {lm_task.progress_line(info.metrics, None)}')  # noqa: E731
-    return [loop.eval_hook(eval_step, batches, writer, every), loop.Hook(line, every)]
+    return lm_task.evals(env, writer, batches)
 
 
 def task(config) -> Task:
-    """SFT for `cm3jax.train.run.run` (``config.task == 'sft'``; configs/sft.py)."""
-    del config
-    from cm3jax.model import transformer
-    return Task(name='sft', build=build, init=lm_task.init, train_data=train_data, loss=lm_task.loss, evals=evals,
-                summary=lm_task.summary, throughput=lm_task.throughput, muon_dims=transformer.muon_dims)
+    """SFT for `cm3jax.train.run.run` (``config.task == 'sft'``; configs/sft.py): the LM's Task
+    on the mixture's data."""
+    return dataclasses.replace(lm_task.task(config), name='sft', build=build, train_data=train_data, evals=evals)
