@@ -124,7 +124,7 @@ def test_the_whole_sequence_loss_uses_cm3_spans_that_never_cross_a_break(tok):
     cfg = sft_data.SFTDataConfig(seq_len=256, batch=1, weights={'edit': 1}, loss='cm3', condition_dropout=0.0,
                                  cm3=cm3.CM3Config(rate=3.0, max_spans=6))
     v, moved_any = tok.vocab, 0
-    for i in range(40):
+    for i in range(30):
         task = tasks.TASKS[i % len(tasks.TASKS)]
         segments, is_image, header = _record(tasks.example(task, WORLD, 0, i), tok)
         doc = np.append(documents.join(segments, is_image, v), v.eos)
@@ -141,7 +141,7 @@ def test_the_whole_sequence_loss_uses_cm3_spans_that_never_cross_a_break(tok):
             moved_any += 1
             tail = tokens[first_moved[1]:-1]  # every moved span: <mask:k> ids <eoss>, none holds a <break>
             assert v.break_ not in tail
-    assert moved_any > 20
+    assert moved_any > 15
 
 
 def test_condition_dropout_trains_the_streams_of_guidance(tok):
@@ -255,16 +255,10 @@ def test_generation_for_instructions(pretrained):
     import flax.linen as nn
     scene = shapes.sample_scene(WORLD, np.random.default_rng(0))
     image = shapes.render(scene)[None]
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        edited = generate.edit(gen, image, ['make the circle green'], num=2)
-        plain = generate.edit(gen, image, ['make the circle green'], sample=dec.SampleConfig())
-        drawn = generate.structure(gen, shapes.edge_map(image[0])[None], ['a red circle'])
-        placed = generate.grounded(gen, ['a red circle'], [[('red circle', (2, 2, 9, 9))]])
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):  # edit, answer and structure: the CLI test below
+        placed = generate.grounded(gen, ['a red circle'], [[('red circle', (2, 2, 9, 9))]], num=2)
         written = generate.write(gen, ['ab'])
-        answers = generate.answer(gen, image, ['what colour is the circle?'])
-    assert edited.shape == (1, 2, 16, 16, 3) and plain.shape == drawn.shape == placed.shape == written.shape == (
-        1, 1, 16, 16, 3)
-    assert len(answers) == 1 and isinstance(answers[0], str)
+    assert placed.shape == (1, 2, 16, 16, 3) and written.shape == (1, 1, 16, 16, 3)
     # the prompts: three streams for editing (full, none, image only), the infill form for VQA
     v = gen.vocab
     tpl = ins.edit(image[0], 'make the circle green')

@@ -93,10 +93,12 @@ def test_the_retriever_trains_on_a_folder_of_images_and_captions(tmp_path, repo)
 def test_a_config_names_its_trainer():
     assert trainers.task_of(lm_configs.get_config('tiny')).name == 'lm'
     assert trainers.task_of(clip_configs.get_config('tiny')).name == 'retriever'
+    from configs import sft as sft_configs
+    assert trainers.task_of(sft_configs.get_config('tiny')).name == 'sft'
     config = lm_configs.get_config('tiny')
     config.task = 'diffusion'
     with pytest.raises(ConfigError, match=r"config.task='diffusion' is unknown; choose one of \['lm', 'retriever', "
-                                          r"'vq'\]"):
+                                          r"'sft', 'vq'\]"):
         trainers.task_of(config)
     from configs import data as data_configs
     with pytest.raises(ConfigError, match="config.task='prepare' is not a trainer; run it with `cm3jax prepare`"):
@@ -105,8 +107,8 @@ def test_a_config_names_its_trainer():
 
 def test_the_cli_refuses_an_unknown_task_and_a_config_for_another_command(tmp_path, repo):
     bad = _cli(repo, 'train', '--config=configs/lm.py:tiny', '--config.task=diffusion', f'--workdir={tmp_path / "x"}')
-    assert bad.returncode != 0 and "config.task='diffusion' is unknown; choose one of ['lm', 'retriever', 'vq']" \
-        in bad.stderr
+    assert bad.returncode != 0 and "config.task='diffusion' is unknown; choose one of ['lm', 'retriever', 'sft', " \
+        "'vq']" in bad.stderr
     wrong = _cli(repo, 'train-retriever', '--config=configs/vq.py:tiny', f'--workdir={tmp_path / "y"}')
     assert wrong.returncode != 0 and "this config's task is 'vq'" in wrong.stderr
 

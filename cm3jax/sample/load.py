@@ -41,11 +41,11 @@ def read_converted(directory: str | pathlib.Path):
     return config, vocab, tok, vq_params, vq_cfg
 
 
-def load_generator(workdir: str | pathlib.Path, mesh: jax.sharding.Mesh | None = None,
-                   step: int | None = None) -> tuple[Generator, jax.sharding.Mesh, parallel.Rules]:
-    """(generator, mesh, rules) for the LM in ``workdir``; params are laid out on ``mesh``
-    (default: every device on the batch axes). Decode under ``jax.set_mesh(mesh)`` and
-    ``nn.logical_axis_rules(rules)``."""
+def read_run(workdir: str | pathlib.Path):
+    """(config, vocab, text tokenizer, VQ params, VQ config, paths) of a `cm3jax train` workdir on
+    prepared data (its tokenizers found through the data's manifest) or of a converted
+    directory (which holds them); paths: where the tokenizers live ('vq_workdir',
+    'text_tokenizer_path'), for what is prepared with them next."""
     workdir = pathlib.Path(workdir)
     path = workdir / 'config.json'
     if not path.exists():
@@ -53,12 +53,24 @@ def load_generator(workdir: str | pathlib.Path, mesh: jax.sharding.Mesh | None =
                                 f'the output of `cm3jax convert chameleon`)')
     if is_converted(workdir):  # released weights: the tokenizers sit in the directory
         config, vocab, tok, vq_params, vq_cfg = read_converted(workdir)
-    else:
-        config = ConfigDict(json.loads(path.read_text()))
-        if not config.data.get('dir'):
-            raise ValueError(f'{workdir} trained on the synthetic task; sampling images needs a run on prepared '
-                             f'multimodal data (data.dir, the output of `cm3jax prepare`)')
-        _, vocab, tok, vq_params, vq_cfg = prepare.load_tokenizers(config.data.dir)
+        paths = {'vq_workdir': str((workdir / VQ_DIR).absolute()),
+                 'text_tokenizer_path': str((workdir / TOKENIZER_FILE).absolute())}
+        return config, vocab, tok, vq_params, vq_cfg, paths
+    config = ConfigDict(json.loads(path.read_text()))
+    if not config.data.get('dir'):
+        raise ValueError(f'{workdir} trained on the synthetic task; sampling images needs a run on prepared '
+                         f'multimodal data (data.dir, the output of `cm3jax prepare`)')
+    manifest, vocab, tok, vq_params, vq_cfg = prepare.load_tokenizers(config.data.dir)
+    return config, vocab, tok, vq_params, vq_cfg, {k: manifest[k] for k in ('vq_workdir', 'text_tokenizer_path')}
+
+
+def load_generator(workdir: str | pathlib.Path, mesh: jax.sharding.Mesh | None = None,
+                   step: int | None = None) -> tuple[Generator, jax.sharding.Mesh, parallel.Rules]:
+    """(generator, mesh, rules) for the LM in ``workdir``; params are laid out on ``mesh``
+    (default: every device on the batch axes). Decode under ``jax.set_mesh(mesh)`` and
+    ``nn.logical_axis_rules(rules)``."""
+    workdir = pathlib.Path(workdir)
+    config, vocab, tok, vq_params, vq_cfg, _ = read_run(workdir)
 
     mesh = mesh or parallel.create_mesh((1, -1, 1))
     rules = parallel.rules_from_config(config)

@@ -33,26 +33,19 @@ class Tokenizers:
 
 def tokenizers_of(pretrained: str | pathlib.Path) -> Tokenizers:
     """The tokenizers a pretrained model reads and writes: from its training workdir (through its
-    data's manifest) or from a converted directory."""
-    from ml_collections import ConfigDict
+    data's manifest) or from a converted directory (`sample.load.read_run`)."""
     from cm3jax.sample import load
     path = pathlib.Path(pretrained)
-    if load.is_converted(path):
-        _, vocab, tok, vq_params, vq_cfg = load.read_converted(path)
-        if vq_params is None:
-            raise ValueError(f'{path} holds no image tokenizer ({load.VQ_DIR}/): convert the VQ-GAN with it')
-        return Tokenizers(vocab, tok, vq_params, vq_cfg, {'vq_workdir': str((path / load.VQ_DIR).absolute()),
-                                                          'text_tokenizer_path': str((path / load.TOKENIZER_FILE)
-                                                                                     .absolute())})
-    config_path = path / 'config.json'
-    if not config_path.is_file():
-        raise FileNotFoundError(f'{config_path} is missing: --init_from must be a `cm3jax train` run on prepared '
-                                f'data (the quickstart\'s out/quickstart/lm) or a converted Chameleon directory')
-    data_dir = ConfigDict(json.loads(config_path.read_text())).data.get('dir', '')
-    if not data_dir:
-        raise ValueError(f'{path} trained on the synthetic task, which has no image tokenizer to fine-tune with')
-    manifest, vocab, tok, vq_params, vq_cfg = prepare.load_tokenizers(data_dir)
-    return Tokenizers(vocab, tok, vq_params, vq_cfg, {k: manifest[k] for k in ('vq_workdir', 'text_tokenizer_path')})
+    if not (path / 'config.json').is_file():
+        raise FileNotFoundError(f'{path / "config.json"} is missing: --init_from must be a `cm3jax train` run on '
+                                f'prepared data (the quickstart\'s out/quickstart/lm) or a converted Chameleon directory')
+    try:
+        _, vocab, tok, vq_params, vq_cfg, paths = load.read_run(path)
+    except ValueError as e:
+        raise ValueError(f'{e}; SFT needs its image tokenizer') from None
+    if vq_params is None:
+        raise ValueError(f'{path} holds no image tokenizer ({load.VQ_DIR}/): convert the VQ-GAN with it')
+    return Tokenizers(vocab, tok, vq_params, vq_cfg, paths)
 
 
 def prepare_tasks(out_dir: str | pathlib.Path, task_sources: dict[str, list], tok: Tokenizers,
