@@ -166,6 +166,7 @@ def _sample(config) -> None:
         raise app.UsageError('--retrieve needs --retriever=DIR (the retriever that built the memory bank)')
     import flax.linen as nn
     import jax
+    from cm3jax import cli_sample
     from cm3jax.sample import decode, generate, load
     gen, mesh, rules = load.load_generator(_WORKDIR.value, step=_STEP.value)
     if gen.vq_cfg is None:
@@ -185,18 +186,18 @@ def _sample(config) -> None:
             return
         if _EDIT.value or _EDGE.value or flags.FLAGS['question'].present:  # an instruction-tuned model
             import dataclasses
-            from cm3jax import cli_instructions
             edges = [generate.read_image(path, gen.vq_cfg.resolution) for path in _EDGE.value or []]
             edit = dataclasses.replace(generate.EDIT_SAMPLE, **_given_sampling())
-            cli_instructions.run(gen, images=images, image_paths=_IMAGE.value or [], edits=_EDIT.value or [],
-                                 question=_QUESTION.value if flags.FLAGS['question'].present else None, edges=edges,
-                                 prompts=_PROMPT.value or [], sample=sample, edit_sample=edit, num=_NUM.value,
-                                 seed=_SEED.value, where=where)
+            cli_sample.instructions(gen, images=images, image_paths=_IMAGE.value or [], edits=_EDIT.value or [],
+                                    question=_QUESTION.value if flags.FLAGS['question'].present else None,
+                                    edges=edges, prompts=_PROMPT.value or [], sample=sample, edit_sample=edit,
+                                    num=_NUM.value, seed=_SEED.value, where=where)
             return
         if _PROMPT.value:
             _draw(gen, sample, where)
         if images:
-            _caption(gen, images, where)
+            cli_sample.captions(gen, images, _IMAGE.value, judge=_JUDGE.value, repetition_penalty=_REPETITION.value,
+                                where=where)
 
 
 def _given_sampling(*names: str) -> dict:
@@ -265,23 +266,6 @@ def _draw(gen, sample, where: pathlib.Path) -> None:
     (where / 'samples.json').write_text(json.dumps(record, indent=1))
     print(f'{len(_PROMPT.value)} prompt(s) x {_NUM.value} samples: the pictures are in {where}/samples.png (a row '
           f'per prompt{", best CLIP score first" if score_fn else ""}); codes and settings in {where}/samples.json')
-
-
-def _caption(gen, images, where: pathlib.Path) -> None:
-    import numpy as np
-    from cm3jax.sample import decode, generate
-    greedy = decode.SampleConfig(temperature=0.0, repetition_penalty=_REPETITION.value)
-    written = generate.image_to_text(gen, np.stack(images), form='continue', sample=greedy)
-    record = [{'image': path, 'caption': text} for path, text in zip(_IMAGE.value, written)]
-    if _JUDGE.value:
-        from cm3jax.data.worlds import shapes_judge
-        for r, image in zip(record, images):
-            r['judge_exact'] = shapes_judge.score(image, r['caption'])['exact']
-    for r in record:
-        print(f'{r["image"]}: {r["caption"]}' + (f'  (judge exact: {r["judge_exact"]:.0f})' if _JUDGE.value else ''))
-    where.mkdir(parents=True, exist_ok=True)
-    (where / 'captions.json').write_text(json.dumps(record, indent=1))
-    print(f'captions of {len(record)} image(s) in {where}/captions.json')
 
 
 def _convert(config) -> None:

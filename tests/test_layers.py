@@ -29,7 +29,7 @@ LAYERS = [
     (7, 'sample', ('sample',)),
     (7.5, 'sft', ('sft',)),  # SFT is the LM's Task on other data, and generates through sample/
     (8, 'eval', ('eval',)),
-    (9, 'top', ('convert', 'aot', 'quickstart', 'quickstart_report', 'trainers', 'cli', 'cli_instructions', '__main__')),
+    (9, 'top', ('convert', 'aot', 'quickstart', 'quickstart_report', 'trainers', 'cli', 'cli_sample', '__main__')),
 ]
 
 

@@ -1,6 +1,7 @@
-"""`cm3jax sample` on an instruction-tuned model (docs/sft.md): editing (``--edit`` with
-``--image``), answering (``--question`` with ``--image``) and structure-guided drawing
-(``--edge`` with ``--prompt``); each writes its output and a JSON record of what was asked."""
+"""What `cm3jax sample` writes for images it is given: captions (``--image``), and on an
+instruction-tuned model (docs/sft.md) edits (``--edit`` with ``--image``), answers
+(``--question`` with ``--image``) and structure-guided drawings (``--edge`` with ``--prompt``);
+each writes its output and a JSON record of what was asked."""
 
 from __future__ import annotations
 
@@ -21,7 +22,25 @@ def _save_rows(rows: np.ndarray, path: pathlib.Path) -> None:
     Image.fromarray(np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)).save(path)
 
 
-def run(gen, *, images: list, image_paths: list[str], edits: list[str], question: str | None, edges: list,
+def captions(gen, images: list, image_paths: list[str], *, judge: bool, repetition_penalty: float,
+             where: pathlib.Path) -> None:
+    """Greedy captions of ``images`` -> captions.json (and the Shapes judge's verdicts with ``judge``)."""
+    from cm3jax.sample import decode, generate
+    greedy = decode.SampleConfig(temperature=0.0, repetition_penalty=repetition_penalty)
+    written = generate.image_to_text(gen, np.stack(images), form='continue', sample=greedy)
+    record = [{'image': path, 'caption': text} for path, text in zip(image_paths, written)]
+    if judge:
+        from cm3jax.data.worlds import shapes_judge
+        for r, image in zip(record, images):
+            r['judge_exact'] = shapes_judge.score(image, r['caption'])['exact']
+    for r in record:
+        print(f'{r["image"]}: {r["caption"]}' + (f'  (judge exact: {r["judge_exact"]:.0f})' if judge else ''))
+    where.mkdir(parents=True, exist_ok=True)
+    (where / 'captions.json').write_text(json.dumps(record, indent=1))
+    print(f'captions of {len(record)} image(s) in {where}/captions.json')
+
+
+def instructions(gen, *, images: list, image_paths: list[str], edits: list[str], question: str | None, edges: list,
         prompts: list[str], sample, edit_sample, num: int, seed: int, where: pathlib.Path) -> None:
     import jax
     from cm3jax.sample import generate
