@@ -125,7 +125,8 @@ def prepare_data(config, out: pathlib.Path) -> dict:
             'vocab_size': prepare.read_manifest(out / 'data')['vocab']['size']}
 
 
-def retriever(config, out: pathlib.Path) -> dict:
+def retriever(config, out: pathlib.Path, workdir: pathlib.Path | None = None) -> dict:
+    """The retriever stage, into ``workdir`` (default ``out/retriever``)."""
     from cm3jax import trainers
     clip = copy.deepcopy(config.retriever)
     clip.seed = config.seed
@@ -135,7 +136,7 @@ def retriever(config, out: pathlib.Path) -> dict:
     clip.data.source = source(config, 'train')
     clip.data.eval = {'validation': {'split': 'validation'}}
     clip.mesh = config.mesh
-    return _finished(trainers.train(clip, str(out / 'retriever')), clip.train.steps, 'the retriever')
+    return _finished(trainers.train(clip, str(workdir or out / 'retriever')), clip.train.steps, 'the retriever')
 
 
 def index(config, out: pathlib.Path) -> dict:

@@ -70,6 +70,9 @@ def get_config(arg: str = 'tiny') -> ConfigDict:
         'eval': ({'validation': {'split': 'validation'}, 'held_out': {'split': 'held_out'}} if tiny else {}),
         'eval_size': 256,
         'shuffle_buffer': 0 if tiny else 10_000,  # Shapes scenes are i.i.d.; folders come in file order
+        # the fraction of each batch that is hard-negative twins of the rest (Shapes sources only;
+        # cm3jax.data.worlds.twins): the same scene with one stated thing changed
+        'twins': 0.0,
     })
     # AdamW (cm3jax.train.optim.OptimConfig); CLIP's betas (0.9, 0.98) and eps 1e-6.
     config.optim = ConfigDict({

@@ -107,6 +107,34 @@ def test_the_sweep_needs_a_finished_quickstart(sweep, tmp_path):
 
 
 @pytest.fixture(scope='module')
+def rerank(repo):
+    return _experiment(repo, 'rerank_twins')
+
+
+def test_the_rerank_experiment_checks_arguments_and_tables_every_run(rerank, tmp_path):
+    with pytest.raises(SystemExit):
+        rerank.parse_args(['--twins=0,0.7'])
+    args = rerank.parse_args(['--twins=0,0.5', '--steps=450,1200'])
+    assert args.twins == [0.0, 0.5] and args.steps == [450, 1200]
+    rate = lambda v: {'value': v, 'se': 0.01, 'n': 256}  # noqa: E731
+    runs = {f'{s}/{f:g}': {'steps': s, 'twins': f, 'seconds': 100.0, 'recall_t2i_r1': 0.3 + f, 'twin_t2i': 0.7,
+                           'twin_i2t': 0.8, 'reranked': rate(0.69 + f / 10)} for s in args.steps for f in args.twins}
+    results = {'out': 'out/quickstart', 'prompts': 256, 'num': 8, 'single': rate(0.684), 'any': rate(0.871),
+               'runs': runs}
+    md = rerank.table(results)
+    rows = [line for line in md.splitlines() if line.startswith('| 450 ') or line.startswith('| 1200 ')]
+    assert len(rows) == 4 and '| 1200 | 0.5 | 0.800 | 0.700 | 0.740 ± 0.010 | 100 |' in rows
+    assert 'single sample 0.684 ± 0.010' in md and 'any of 8 0.871 ± 0.010' in md
+    rerank.plot(results, tmp_path / 'rerank.png')
+    assert Image.open(tmp_path / 'rerank.png').size[0] > 300
+
+
+def test_the_rerank_experiment_needs_a_finished_quickstart(rerank, tmp_path):
+    with pytest.raises(SystemExit, match='holds no text_to_image.npz'):
+        rerank.main([f'--out={tmp_path}', f'--results={tmp_path / "r"}'])
+
+
+@pytest.fixture(scope='module')
 def sft(repo):
     return _experiment(repo, 'sft_shapes')
 

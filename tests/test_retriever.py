@@ -30,6 +30,7 @@ def _mesh_config(steps):
                         text_mlp_dim=64, patch_size=8)
     config.tokenizer.train_documents = 300
     config.data.eval_size = 16
+    config.data.twins = 0.25  # the resumed batches hold the same hard-negative twins
     config.mesh.ici = (2, 2, 2)
     config.train.update(steps=steps, batch=16, log_every=1, eval_every=2, checkpoint_every=2, progress=False)
     return config

@@ -19,6 +19,7 @@ import itertools
 import json
 import logging
 import pathlib
+import zlib
 from typing import NamedTuple, Sequence
 
 import flax.linen as nn
@@ -30,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from cm3jax import params as params_lib, parallel
 from cm3jax.data import batches as batches_lib
 from cm3jax.data.sources import Skip, make_source
-from cm3jax.data.worlds import shapes_judge
+from cm3jax.data.worlds import shapes, shapes_judge, twins as twins_lib
 from cm3jax.errors import ConfigError
 from cm3jax.retrieval import clip, load
 from cm3jax.text_tokenizer import TextTokenizer, train_bpe
@@ -53,21 +54,34 @@ def decay_mask(params):
 
 def pair_example(image_size: int, where: str):
     """``example`` for `cm3jax.data.batches`: a document's first image and first caption
-    ({'images': UInt8[S, S, 3], 'captions': str}); documents lacking either are skipped and counted."""
+    ({'images': UInt8[S, S, 3], 'captions': str, 'doc': the document}); documents lacking either
+    are skipped and counted."""
     def example(doc):
         if not doc.texts or not doc.images:
             raise Skip('document without an image and a caption', str(doc.id))
         batches_lib.check_image(doc.images[0], image_size, where, 'model.image_size', doc.id)
-        return {'images': doc.images[0], 'captions': doc.texts[0]}
+        return {'images': doc.images[0], 'captions': doc.texts[0], 'doc': doc}
     return example
 
 
-def pair_collate(layout: load.TextLayout):
+def twin_rng(seed: int, doc) -> np.random.Generator:
+    """The generator of a document's twin: a pure function of (seed, document id), so a resumed
+    run draws the same twins."""
+    return np.random.default_rng([seed, zlib.crc32(str(doc.id).encode())])
+
+
+def pair_collate(layout: load.TextLayout, twins: int = 0, world: shapes.ShapesConfig | None = None, seed: int = 0):
     """Examples -> {'images': UInt8[b, S, S, 3], 'ids': Int32[b, T], 'mask': Bool[b, T]}; captions
-    longer than the text tower's context are truncated, with one warning."""
+    longer than the text tower's context are truncated, with one warning. With ``twins`` > 0
+    (Shapes documents, their ``world``), the first ``twins`` examples' hard negatives
+    (`cm3jax.data.worlds.twins`) are appended as pairs of their own: b = examples + twins."""
     warned = []
 
     def collate(examples: Sequence[dict]) -> dict[str, np.ndarray]:
+        examples = list(examples)
+        for e in examples[:twins]:
+            image, text = twins_lib.twin_example(e['doc'], twin_rng(seed, e['doc']), world)
+            examples.append({'images': image, 'captions': text})
         ids, mask, truncated = layout.encode([e['captions'] for e in examples])
         if truncated and not warned:
             warned.append(True)
@@ -82,30 +96,15 @@ class EvalSet:
     """A fixed held-out set: images UInt8[N, S, S, C], N captions, and relevant Bool[N, N]:
     ``relevant[i, j]`` when caption i describes image j as well as its own (always on the
     diagonal). Retrieving any relevant item counts: in Shapes, "a red circle" describes every
-    scene holding just a red circle, and no encoder can tell which of them was drawn for it."""
+    scene holding just a red circle, and no encoder can tell which of them was drawn for it.
+    Shapes sets also hold each pair's hard-negative twin (`cm3jax.data.worlds.twins`):
+    twin_images UInt8[N, S, S, C] and twin_captions."""
     name: str
     images: np.ndarray
     captions: list[str]
     relevant: np.ndarray
-
-
-def _describes(spec: shapes_judge.CaptionSpec, objects: list[dict]) -> bool:
-    """A Shapes caption (parsed) describes a scene's objects exactly: a template names every
-    object, so the counts agree and some one-to-one assignment satisfies every phrase and the relation."""
-    if len(spec.objects) != len(objects) or spec.count not in (None, len(objects)):
-        return False
-    for perm in itertools.permutations(objects):
-        if not all(o.shape == d['shape'] and o.colour == d['colour'] and o.size in (None, d['size'])
-                   for o, d in zip(spec.objects, perm)):
-            continue
-        if spec.relation is None:
-            return True
-        i, rel, j = spec.relation
-        a, b = perm[i], perm[j]
-        if {'left of': a['x'] < b['x'], 'right of': a['x'] > b['x'], 'above': a['y'] < b['y'],
-                'below': a['y'] > b['y']}[rel]:
-            return True
-    return False
+    twin_images: np.ndarray | None = None
+    twin_captions: list[str] | None = None
 
 
 def relevance(captions: list[str], docs: list, world=None) -> np.ndarray:
@@ -114,8 +113,8 @@ def relevance(captions: list[str], docs: list, world=None) -> np.ndarray:
     if world is None:
         return np.asarray(captions)[:, None] == np.asarray(captions)[None, :]
     specs = [shapes_judge.parse_caption(c, world) for c in captions]
-    scenes = [d.meta['scene']['objects'] for d in docs]
-    out = np.array([[_describes(spec, objects) for objects in scenes] for spec in specs])
+    scenes = [shapes.Scene.from_dict(d.meta['scene']).objects for d in docs]
+    out = np.array([[shapes_judge.describes(spec, objects) for objects in scenes] for spec in specs])
     if not out.diagonal().all():
         raise AssertionError('a Shapes caption does not describe its own scene: the judge\'s caption parser and '
                              'the world\'s captions disagree')
@@ -133,7 +132,9 @@ def eval_sets(config, image_size: int) -> list[EvalSet]:
                                        f'data.eval.{name}')
         captions = [p['captions'] for p in pairs]
         world = source.cfg if getattr(source, 'kind', '') == 'shapes' else None
-        out.append(EvalSet(name, np.stack([p['images'] for p in pairs]), captions, relevance(captions, docs, world)))
+        twins = [twins_lib.twin_example(doc, twin_rng(config.seed, doc), world) for doc in docs] if world else []
+        out.append(EvalSet(name, np.stack([p['images'] for p in pairs]), captions, relevance(captions, docs, world),
+                           np.stack([t[0] for t in twins]) if twins else None, [t[1] for t in twins] or None))
     return out
 
 
@@ -154,6 +155,15 @@ def recall(text_emb: jax.Array, image_emb: jax.Array, relevant: jax.Array, ks=RE
     return {**{f't2i_r{k}': v for k, v in t2i.items()}, **{f'i2t_r{k}': v for k, v in i2t.items()}}
 
 
+def twin_accuracy(text_emb, image_emb, twin_text_emb, twin_image_emb) -> dict[str, jax.Array]:
+    """How often a pair beats its twin, all Float[N, P]: ``twin_t2i``, a caption scores its own
+    image above the twin's image (what CLIP re-ranking of samples needs); ``twin_i2t``, an
+    image scores its own caption above the twin's caption. Ties count as misses."""
+    own = jnp.sum(text_emb * image_emb, axis=-1)
+    return {'twin_t2i': jnp.mean(own > jnp.sum(text_emb * twin_image_emb, axis=-1)),
+            'twin_i2t': jnp.mean(own > jnp.sum(twin_text_emb * image_emb, axis=-1))}
+
+
 class RecallEval:
     """``evaluate(params) -> {metric: float}`` on one `EvalSet`, its arrays placed on the mesh once."""
 
@@ -166,9 +176,19 @@ class RecallEval:
             x.shape, parallel.logical_sharding(mesh, rules, names), lambda index: x[index])
         self.inputs = (put(data.images, ('act_batch',)), put(ids, ('act_batch',)), put(mask, ('act_batch',)),
                        put(data.relevant, (None, None)))
+        if data.twin_images is not None:
+            twin_ids, twin_mask, _ = layout.encode(data.twin_captions)
+            self.inputs += (put(data.twin_images, ('act_batch',)), put(twin_ids, ('act_batch',)),
+                            put(twin_mask, ('act_batch',)))
         self.mesh, self.rules, self.name = mesh, rules, data.name
-        fn = lambda p, images, ids, mask, rel: recall(  # noqa: E731
-            clip.embed_text(p, cfg, ids, mask), clip.embed_image(p, cfg, images), rel)
+
+        def fn(p, images, ids, mask, rel, *twins):
+            text, image = clip.embed_text(p, cfg, ids, mask), clip.embed_image(p, cfg, images)
+            out = recall(text, image, rel)
+            if twins:
+                out.update(twin_accuracy(text, image, clip.embed_text(p, cfg, twins[1], twins[2]),
+                                         clip.embed_image(p, cfg, twins[0])))
+            return out
         self.fn = jax.jit(fn, out_shardings=NamedSharding(mesh, P()))
 
     def __call__(self, params) -> dict[str, float]:
@@ -264,13 +284,28 @@ def init(env: Env, rng: jax.Array):
 
 
 def train_data(env: Env) -> batches_lib.SourceBatches:
-    """This process's shard of ``data.source``, repeated, as image-caption batches."""
+    """This process's shard of ``data.source``, repeated, as image-caption batches; with
+    ``data.twins`` a fraction of each batch is the hard-negative twins of the rest."""
     config = env.config
     source = make_source({**config.data.source.to_dict(), 'shard': (jax.process_index(), jax.process_count())})
-    return batches_lib.SourceBatches(source, config.train.batch // jax.process_count(),
-                                     pair_example(env.model.cfg.image_size, 'data.source'),
-                                     collate=pair_collate(env.model.layout),
+    rows = config.train.batch // jax.process_count()
+    twins = twin_rows(config, source, rows)
+    return batches_lib.SourceBatches(source, rows - twins, pair_example(env.model.cfg.image_size, 'data.source'),
+                                     collate=pair_collate(env.model.layout, twins, getattr(source, 'cfg', None),
+                                                          config.seed),
                                      shuffle_buffer=config.data.shuffle_buffer, seed=config.seed)
+
+
+def twin_rows(config, source, rows: int) -> int:
+    """How many of a process's ``rows`` are twins: ``data.twins`` of them, rounded; checked."""
+    fraction = float(config.data.get('twins', 0.0))
+    if not 0.0 <= fraction <= 0.5:
+        raise ConfigError(f'data.twins={fraction}: the fraction of each batch that is hard-negative twins must be '
+                          f'in [0, 0.5] (each twin belongs to one drawn pair)')
+    if fraction and getattr(source, 'kind', '') != 'shapes':
+        raise ConfigError(f'data.twins={fraction} needs a Shapes source (twins are drawn from its scene graphs), '
+                          f'not {source.describe()}; set data.twins=0')
+    return int(round(fraction * rows))
 
 
 def loss(env: Env):

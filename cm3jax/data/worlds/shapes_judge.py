@@ -166,7 +166,7 @@ def _split(text: str) -> list[str]:
     return re.split(r', | and ', text)
 
 
-def _holds(rel: str, a: Detection, b: Detection) -> bool:
+def _holds(rel: str, a, b) -> bool:
     """Relations are judged by the sign of the centres' difference on the relation's axis."""
     return {'left of': a.x < b.x, 'right of': a.x > b.x, 'above': a.y < b.y, 'below': a.y > b.y}[rel]
 
@@ -205,6 +205,21 @@ def score(image: np.ndarray, caption: str, cfg: ShapesConfig = DEFAULT, strict: 
     exact = attr == 1.0 and relation != 0.0 and count != 0.0 and not (strict and extra)
     return {'parsed': 1.0, 'attr': attr, 'relation': relation, 'count': count, 'extra': float(extra),
             'exact': float(exact)}
+
+
+def describes(spec: CaptionSpec, objects) -> bool:
+    """Whether a parsed caption describes a scene's objects (`shapes.Object`s) exactly: the
+    templates name every object, so the counts agree and some one-to-one assignment satisfies
+    every phrase and the relation. The scene-graph twin of `score`, which reads an image."""
+    if len(spec.objects) != len(objects) or spec.count not in (None, len(objects)):
+        return False
+    for perm in itertools.permutations(objects):
+        if not all(o.shape == d.shape and o.colour == d.colour and o.size in (None, d.size)
+                   for o, d in zip(spec.objects, perm)):
+            continue
+        if spec.relation is None or _holds(spec.relation[1], perm[spec.relation[0]], perm[spec.relation[2]]):
+            return True
+    return False
 
 
 def _matches(o: ObjectSpec, d: Detection) -> bool:
