@@ -51,6 +51,7 @@ def test_resuming_on_the_mesh_matches_an_uninterrupted_run(tmp_path):
 
     a, b = by_step(straight), by_step(resumed)
     assert {s for s, _ in a} == {0, 1, 2, 3, 4} and set(a) == set(b)
+    assert (4, 'eval/validation/twin_t2i') in a and (4, 'eval/held_out/twin_i2t') in a  # Shapes sets: twins too
     for key in a:
         np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6, err_msg=str(key))
     mesh = parallel.create_mesh((-1, 1, 1))
