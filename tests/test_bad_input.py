@@ -77,7 +77,8 @@ def test_a_refused_sample_leaves_the_run_byte_identical(world):
     root, _ = world
     before = damage.tree_hash(root / 'lm')
     done = damage.cli('sample', f'--workdir={root / "lm"}', '--prompt=' + 'a red circle left of ' * 40, '--num=1')
-    damage.refused(done, 'exceeds the model\'s context', 'shorten the prompt')
+    line = damage.refused(done, 'exceeds the model\'s context', 'shorten the prompt')
+    assert re.search(r'a prompt of \d+ tokens plus \d+ new ones exceeds the model\'s context of \d+', line), line
     done = damage.cli('sample', f'--workdir={root / "lm"}', '--prompt=a red circle', '--step=1')
     damage.refused(done, 'no checkpoint step 1', 'it holds steps [9]')
     assert damage.tree_hash(root / 'lm') == before

@@ -5,7 +5,6 @@ same report as the uninterrupted one."""
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -14,7 +13,6 @@ import time
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from cm3jax import quickstart
 from cm3jax.eval.stats import rate
@@ -76,16 +74,6 @@ def test_the_quickstart_runs_every_stage_resumes_and_survives_a_kill(tmp_path, r
     # ---- caption dropout trains the unconditional stream that guidance subtracts ----
     lm_report = report['lm']
     assert abs(lm_report['image_nll_unconditional'] - lm_report['image_nll_conditional']) < 0.5, lm_report
-
-    # ---- bad input to `cm3jax sample` on this run: one line that says what to pass ----
-    big = tmp_path / 'big.png'
-    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(big)
-    for flag, message in ((f'--image={big}', 'is 40x40, but this model\'s image tokenizer takes 16x16'),
-                          ('--prompt=' + 'a red circle ' * 60, 'exceeds the model\'s context of')):
-        done = subprocess.run([sys.executable, '-m', 'cm3jax', 'sample', f'--workdir={out / "lm"}', flag], cwd=repo,
-                              env=ONE_DEVICE, capture_output=True, text=True, timeout=600)
-        assert done.returncode != 0 and message in done.stderr and 'Traceback' not in done.stderr, done.stderr[-2000:]
-    assert re.search(r'a prompt of \d+ tokens plus \d+ new ones exceeds the model\'s context of \d+', done.stderr)
 
     # ---- a rerun reuses every stage ----
     want = _report(out)

@@ -15,6 +15,7 @@ The workdir gets ``tokenizer.json`` next to ``config.json`` and ``checkpoints/``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import logging
@@ -164,6 +165,20 @@ def twin_accuracy(text_emb, image_emb, twin_text_emb, twin_image_emb) -> dict[st
             'twin_i2t': jnp.mean(own > jnp.sum(twin_text_emb * image_emb, axis=-1))}
 
 
+@functools.lru_cache(maxsize=8)
+def _recall_fn(cfg: clip.ClipConfig, mesh, rules: tuple):
+    """The jitted eval of one model on one mesh: eval sets of the same size share its compile
+    (``rules`` only keys the cache; the caller traces under them)."""
+    def fn(p, images, ids, mask, rel, *twins):
+        text, image = clip.embed_text(p, cfg, ids, mask), clip.embed_image(p, cfg, images)
+        out = recall(text, image, rel)
+        if twins:
+            out.update(twin_accuracy(text, image, clip.embed_text(p, cfg, twins[1], twins[2]),
+                                     clip.embed_image(p, cfg, twins[0])))
+        return out
+    return jax.jit(fn, out_shardings=NamedSharding(mesh, P()))
+
+
 class RecallEval:
     """``evaluate(params) -> {metric: float}`` on one `EvalSet`, its arrays placed on the mesh once."""
 
@@ -181,15 +196,7 @@ class RecallEval:
             self.inputs += (put(data.twin_images, ('act_batch',)), put(twin_ids, ('act_batch',)),
                             put(twin_mask, ('act_batch',)))
         self.mesh, self.rules, self.name = mesh, rules, data.name
-
-        def fn(p, images, ids, mask, rel, *twins):
-            text, image = clip.embed_text(p, cfg, ids, mask), clip.embed_image(p, cfg, images)
-            out = recall(text, image, rel)
-            if twins:
-                out.update(twin_accuracy(text, image, clip.embed_text(p, cfg, twins[1], twins[2]),
-                                         clip.embed_image(p, cfg, twins[0])))
-            return out
-        self.fn = jax.jit(fn, out_shardings=NamedSharding(mesh, P()))
+        self.fn = _recall_fn(cfg, mesh, tuple(map(tuple, rules)))
 
     def __call__(self, params) -> dict[str, float]:
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
