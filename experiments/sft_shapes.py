@@ -109,7 +109,8 @@ def evaluate(gen, config, args, n: int, desc: str) -> tuple[dict, dict]:
         elif task == 'edit':
             out = generate.edit(gen, np.stack([d.segments[1] for d in docs]), [x['instruction'] for x in m],
                                 sample=edit_sample, rng=rng)[:, 0]
-            metrics['edit'] = [judge.edit_success(im, shapes.Scene.from_dict(x['target']), world)
+            metrics['edit'] = [judge.edit_success(im, shapes.Scene.from_dict(x['scene']),
+                                                   shapes.Scene.from_dict(x['target']), world)
                                for im, x in zip(out, m)]
             outputs[task] = out
         elif task == 'structure':
@@ -187,10 +188,13 @@ def main(argv=None) -> int:
     config = sft_config(args)
     begin = time.perf_counter()
     summary = trainers.train(config, str(workdir / 'run'), init_from=str(pretrained))
+    # SFT's seconds over every call that trained (a rerun of a finished run adds only its check)
+    seconds = workdir / 'sft_seconds.json'
+    trained = time.perf_counter() - begin + (json.loads(seconds.read_text())['seconds'] if seconds.exists() else 0.0)
+    seconds.write_text(json.dumps({'seconds': round(trained, 1)}))
     if summary['step'] < config.train.steps:
         print(f'SFT stopped at step {summary["step"]}; run the same command again to continue', file=sys.stderr)
         return 1
-    trained = time.perf_counter() - begin
     judged, outputs = {}, {}
     for name, where in (('before', pretrained), ('after', workdir / 'run')):
         gen, mesh, rules = load.load_generator(where)

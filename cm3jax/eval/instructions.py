@@ -2,7 +2,11 @@
 
   edit_success     the edited image holds exactly the target scene's objects: each (shape,
                    colour, size) found once, its centre within ``tolerance`` pixels of the
-                   target's, and nothing else; so the asked change happened and nothing else moved
+                   target's, and nothing else; so the asked change happened and nothing else moved.
+                   Where the instruction leaves the place open, any place that follows it counts:
+                   an added object may be anywhere ('add a red circle'), and a moved one any
+                   distance in its direction ('move the square left': more than ``tolerance``
+                   pixels that way, within it across)
   box_hits         per object of a grounded prompt, whether a detection of its colour and shape
                    overlaps its box with IoU >= 0.5
   vqa_correct      the answer equals the true one after VQA's answer normalisation
@@ -18,20 +22,43 @@ from cm3jax.data.worlds import shapes, shapes_judge
 from cm3jax.eval import vqa
 
 
-def edit_success(image: np.ndarray, target: shapes.Scene, cfg: shapes.ShapesConfig = shapes.DEFAULT,
-                 tolerance: float = 2.0) -> bool:
-    """Whether uint8 [S, S, 3] ``image`` shows ``target`` (module docstring)."""
-    dets = shapes_judge.parse(image, cfg)
-    if len(dets) != len(target.objects):
+def edit_success(image: np.ndarray, before: shapes.Scene, after: shapes.Scene,
+                 cfg: shapes.ShapesConfig = shapes.DEFAULT, tolerance: float = 2.0) -> bool:
+    """Whether uint8 [S, S, 3] ``image`` shows ``before`` edited into ``after`` (module docstring)."""
+    dets = list(shapes_judge.parse(image, cfg))
+    if len(dets) != len(after.objects):
         return False
-    left = list(dets)
-    for o in target.objects:
-        match = next((d for d in left if (d.shape, d.colour, d.size) == (o.shape, o.colour, o.size)
-                      and abs(d.x - o.x) <= tolerance and abs(d.y - o.y) <= tolerance), None)
+    attrs = lambda o: (o.shape, o.colour, o.size)  # noqa: E731
+    gone = [b for b in before.objects if b not in after.objects]
+    rules = []  # (object of `after`, test of a detection), the exact ones first to claim theirs
+    for o in after.objects:
+        if o in before.objects:
+            rules.append((0, o, None))
+        elif len(after.objects) == len(before.objects) + 1:  # added, where the instruction does not say
+            rules.append((1, o, 'anywhere'))
+        else:
+            source = next((b for b in gone if attrs(b) == attrs(o) and (b.x == o.x) != (b.y == o.y)), None)
+            rules.append((0, o, None) if source is None else (1, o, source))
+    for _, o, how in sorted(rules, key=lambda r: r[0]):
+        match = next((d for d in dets if attrs(d) == attrs(o) and _placed(d, o, how, tolerance)), None)
         if match is None:
             return False
-        left.remove(match)
+        dets.remove(match)
     return True
+
+
+def _placed(d, o: shapes.Object, how, tolerance: float) -> bool:
+    """Whether detection ``d`` stands where ``o`` may: at its place; anywhere (added); or moved
+    from ``how`` (its place before) any distance in the direction it was moved (the instruction
+    gives only the direction), keeping its place across it."""
+    if how is None:
+        return abs(d.x - o.x) <= tolerance and abs(d.y - o.y) <= tolerance
+    if how == 'anywhere':
+        return True
+    ux, uy = np.sign(o.x - how.x), np.sign(o.y - how.y)
+    along = (d.x - how.x) * ux + (d.y - how.y) * uy
+    across = (d.x - how.x) * uy - (d.y - how.y) * ux
+    return along > tolerance and abs(across) <= tolerance
 
 
 def iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
