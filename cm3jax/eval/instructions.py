@@ -30,16 +30,16 @@ def edit_success(image: np.ndarray, before: shapes.Scene, after: shapes.Scene,
         return False
     attrs = lambda o: (o.shape, o.colour, o.size)  # noqa: E731
     gone = [b for b in before.objects if b not in after.objects]
-    rules = []  # (object of `after`, test of a detection), the exact ones first to claim theirs
+    rules = []  # (object of `after`, where it may stand: None = its own place)
     for o in after.objects:
         if o in before.objects:
-            rules.append((0, o, None))
+            rules.append((o, None))
         elif len(after.objects) == len(before.objects) + 1:  # added, where the instruction does not say
-            rules.append((1, o, 'anywhere'))
-        else:
-            source = next((b for b in gone if attrs(b) == attrs(o) and (b.x == o.x) != (b.y == o.y)), None)
-            rules.append((0, o, None) if source is None else (1, o, source))
-    for _, o, how in sorted(rules, key=lambda r: r[0]):
+            rules.append((o, 'anywhere'))
+        else:  # changed in place (None), or moved along one axis from its place before
+            rules.append((o, next((b for b in gone if attrs(b) == attrs(o) and (b.x == o.x) != (b.y == o.y)),
+                                  None)))
+    for o, how in sorted(rules, key=lambda r: r[1] is not None):  # the exact ones claim theirs first
         match = next((d for d in dets if attrs(d) == attrs(o) and _placed(d, o, how, tolerance)), None)
         if match is None:
             return False
