@@ -280,11 +280,12 @@ def captions(config, out: pathlib.Path) -> dict:
 
 
 def judge_drawn(images: np.ndarray, captions, cfg: shapes.ShapesConfig, desc: str = 'judge') -> dict:
-    """uint8 [P, N, R, R, 3] drawn for P captions -> {'exact', 'attr': Float[P, N]} by the Shapes judge."""
+    """uint8 [P, N, R, R, 3] drawn for P captions -> {'exact', 'attr', 'extra', 'relation': Float[P, N]}
+    by the Shapes judge (`shapes_judge.score`'s fields; relation is NaN where a caption states none)."""
     from cm3jax.data.worlds import shapes_judge
     scored = [[shapes_judge.score(im, str(c), cfg) for im in row]
               for row, c in tqdm(zip(images, captions), total=len(captions), desc=desc, leave=False)]
-    return {k: np.array([[s[k] for s in row] for row in scored]) for k in ('exact', 'attr')}
+    return {k: np.array([[s[k] for s in row] for row in scored]) for k in ('exact', 'attr', 'extra', 'relation')}
 
 
 def judge(config, out: pathlib.Path, done: dict) -> dict:

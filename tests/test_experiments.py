@@ -123,8 +123,46 @@ def test_the_rerank_experiment_checks_arguments_and_tables_every_run(rerank, tmp
                'runs': runs}
     md = rerank.table(results)
     rows = [line for line in md.splitlines() if line.startswith('| 450 ') or line.startswith('| 1200 ')]
-    assert len(rows) == 4 and '| 1200 | 0.5 | 0.800 | 0.700 | 0.740 ± 0.010 | 100 |' in rows
+    assert len(rows) == 4 and '| 1200 | 0.5 | 0.800 | 0.700 | - | 0.740 ± 0.010 | 100 |' in rows
     assert 'single sample 0.684 ± 0.010' in md and 'any of 8 0.871 ± 0.010' in md
+    rerank.plot(results, tmp_path / 'rerank.png')
+    assert Image.open(tmp_path / 'rerank.png').size[0] > 300
+
+
+def test_the_rerank_experiment_tables_named_retriever_variants(rerank, tmp_path):
+    args = rerank.parse_args(['--retrievers=base=;deep=model.vision_layers=4,optim.learning_rate=1e-3',
+                              '--name=rerank_retrievers'])
+    assert args.retrievers == {'base': {}, 'deep': {'model.vision_layers': 4, 'optim.learning_rate': 1e-3}}
+    for bad in ('deep', 'base=;base=', 'x=model.vision_layers', ''):
+        with pytest.raises(SystemExit):
+            rerank.parse_args([f'--retrievers={bad}'])
+    from configs import clip
+    config = clip.get_config('tiny')
+    rerank.apply_overrides(config, args.retrievers['deep'])
+    assert config.model.vision_layers == 4 and config.optim.learning_rate == 1e-3
+    with pytest.raises(SystemExit, match="no field 'model.depth'"):
+        rerank.apply_overrides(config, {'model.depth': 4})
+    rate = lambda v: {'value': v, 'se': 0.01, 'n': 256}  # noqa: E731
+    runs = {f'450/0/{name}': {'variant': name, 'overrides': o, 'steps': 450, 'twins': 0.0, 'seconds': 100.0,
+                              'recall_t2i_r1': 0.3, 'twin_t2i': 0.7, 'twin_i2t': 0.8, 'auc': 0.6,
+                              'reranked': rate(0.7)}
+            for name, o in args.retrievers.items()}
+    results = {'out': 'out/quickstart', 'prompts': 256, 'num': 8, 'single': rate(0.684), 'any': rate(0.871),
+               'runs': runs}
+    rows = [line for line in rerank.table(results).splitlines() if line.startswith('| ')]
+    assert rows[1:] == ['| base | 450 | 0 | 0.300 | 0.700 | 0.600 | 0.700 ± 0.010 | 100 |',
+                        '| deep (`model.vision_layers=4`, `optim.learning_rate=0.001`) | 450 | 0 | 0.300 | 0.700 | '
+                        '0.600 | 0.700 ± 0.010 | 100 |']
+    # an exact sample outscoring both wrong ones of its caption, a tie, and captions without a contrast
+    scores = np.array([[3., 1., 2.], [1., 1., 0.], [5., 4., 3.]])
+    judged = np.array([[1, 0, 0], [1, 0, 1], [1, 1, 1]])
+    assert rerank.within_caption_auc(scores, judged) == pytest.approx((1.0 + 0.25) / 2)
+    verdict = {'exact': judged, 'attr': np.array([[1, .5, 1], [1, 1, 1], [1, 1, 1]]),
+               'extra': np.array([[0, 1, 1], [0, 2, 0], [0, 0, 0]])}
+    kinds = rerank.failures(verdict)
+    assert kinds['extra_object'].sum() == 3 and kinds['wrong_object'].tolist()[0] == [False, True, False]
+    # only the extra-object samples count as wrong: caption 0's exact sample beats both of them
+    assert rerank.within_caption_auc(scores, judged, kinds['wrong_object']) == 1.0
     rerank.plot(results, tmp_path / 'rerank.png')
     assert Image.open(tmp_path / 'rerank.png').size[0] > 300
 
