@@ -312,6 +312,10 @@ def judge(config, out: pathlib.Path, done: dict) -> dict:
             'num': int(main.shape[1]),
         },
     }
+    if 'objects_2' in t2i:  # what goes wrong where the model is weakest (docs/quickstart.md)
+        wrong = [shapes_judge.failures(im[0], str(c), cfg)
+                 for im, c in zip(arrays['objects_2/images'], arrays['objects_2/captions'])]
+        report['text_to_image']['two_objects_wrong'] = {k: rate([w[k] for w in wrong]) for k in wrong[0]}
     written = json.loads((out / 'captions.json').read_text())
     docs = scenes(config, *prompt_sets(config)['main'], len(written))
     i2t = [shapes_judge.score(d.images[0], w['generated'], cfg) for d, w in zip(docs, written)]

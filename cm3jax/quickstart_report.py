@@ -14,6 +14,10 @@ SCALE = 3          # pixels per image pixel in the grids: 32 px scenes are too s
 GAP = 4
 BEST = (255, 200, 0)
 RIGHT, WRONG = (40, 200, 60), (220, 50, 50)
+# shapes_judge.failures' kinds, as report.md names them
+WRONG_KINDS = {'count': 'not two objects', 'object': 'a stated object wrong (colour, shape or size)',
+               'borrowed_shape': 'a stated object drawn with the other one\'s shape',
+               'relation': 'a stated relation broken'}
 
 
 def _text_width(draw: ImageDraw.ImageDraw, text: str) -> int:
@@ -97,6 +101,8 @@ def markdown(report: dict) -> str:
         f'| text-to-image, attributes right (one sample) | {_pct(t["attr"])} |',
         *[f'| text-to-image, exact, scenes of {k} object{"s" if k != "1" else ""} | {_pct(v)} |'
           for k, v in t['by_objects'].items()],
+        *[f'| text-to-image, scenes of 2 objects: {WRONG_KINDS[k]} | {_pct(v)} |'
+          for k, v in t.get('two_objects_wrong', {}).items()],
         f'| text-to-image, exact, (shape, colour) pairs never seen in training | {_pct(t["held_out_pairs"])} |',
         f'| image-to-text, exact (greedy, unseen scenes of 1-2 objects) | {_pct(c["exact"])} |',
         f'| tokenizer round trip, exact (the ceiling of any LM) | {_pct(report["tokenizer"]["judge_roundtrip"])} |',

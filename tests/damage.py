@@ -13,10 +13,10 @@ import sys
 
 import numpy as np
 
+from tests.helpers import one_device_env
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-ONE_DEVICE = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # a user's laptop, not conftest's 8
-ONE_DEVICE['PYTHONPATH'] = os.pathsep.join([str(REPO), os.environ.get('PYTHONPATH', '')])
+ONE_DEVICE = one_device_env(PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get('PYTHONPATH', '')]))
 
 
 def cli(*args, cwd=None, env=None) -> subprocess.CompletedProcess:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 
@@ -9,6 +11,14 @@ from cm3jax import params as params_lib, parallel
 from cm3jax.lm import config as lm_config
 from cm3jax.model import transformer
 from configs import lm
+
+
+def one_device_env(**extra: str) -> dict[str, str]:
+    """The environment for a command run as a user's laptop runs it: conftest's XLA flags without
+    its 8 fake devices (its compile flag stays: most of the suite's time is compiling), plus `extra`."""
+    flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
+             if not f.startswith('--xla_force_host_platform_device_count')]
+    return {**os.environ, 'XLA_FLAGS': ' '.join(flags), **extra}
 
 
 def tiny_config(variant: str = 'cm3leon', **model_overrides):

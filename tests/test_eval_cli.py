@@ -4,7 +4,6 @@ every figure carries its protocol; a missing Inception file is refused naming th
 where to get it."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -14,13 +13,13 @@ import pytest
 from cm3jax import trainers
 from cm3jax.data import prepare
 from configs import data as data_configs
-from tests.helpers import hf_clip_dir, random_tokenizer_workdir, tiny_config
+from tests.helpers import hf_clip_dir, one_device_env, random_tokenizer_workdir, tiny_config
 
 # A 16-pixel world of up to two objects (small radii make room), and a tokenizer of 4x4 codes for it.
 WORLD = {'canvas': 16, 'max_objects': 2, 'sizes': [['small', 2], ['large', 3]]}
 VQ = {'resolution': 16, 'ch': 32, 'ch_mult': [1, 2, 2], 'num_res_blocks': 1, 'attn_resolutions': [],
       'z_channels': 8, 'embed_dim': 4, 'num_codes': 32}
-ONE_DEVICE = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # the command compiles for one device
+ONE_DEVICE = one_device_env()  # the command compiles for one device
 
 
 def _clip_dir(path):

@@ -4,7 +4,6 @@ a rerun reuses every stage, and a run killed during LM training and run again en
 same report as the uninterrupted one."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -17,8 +16,9 @@ import pytest
 from cm3jax import quickstart
 from cm3jax.eval.stats import rate
 from configs import quickstart as qs_configs
+from tests.helpers import one_device_env
 
-ONE_DEVICE = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+ONE_DEVICE = one_device_env()
 AFTER_LM = ('lm', 'text_to_image', 'captions', 'judge')
 TIMING = ('stages', 'wall_seconds', 'this_run_seconds')
 
@@ -58,6 +58,7 @@ def test_the_quickstart_runs_every_stage_resumes_and_survives_a_kill(tmp_path, r
     for key in ('exact', 'exact_reranked', 'held_out_pairs', 'attr'):
         assert set(t[key]) == {'value', 'se', 'n'} and 0 <= t[key]['value'] <= 1, key
     assert set(t['by_objects']) == {'1'} and t['exact']['n'] == 16 and t['num'] == 8  # the tiny world: 1 object
+    assert 'two_objects_wrong' not in t  # no scene of two objects to diagnose
     assert 0 <= report['image_to_text']['exact']['value'] <= 1
     assert 0 <= report['tokenizer']['judge_roundtrip']['value'] <= 1
     assert set(report['stages']) == set(quickstart.STAGES) and report['wall_seconds'] > 0
@@ -126,3 +127,20 @@ def test_rates_carry_their_standard_error():
     r = rate([1, 1, 0, 0])
     assert r == {'value': 0.5, 'se': pytest.approx(0.25), 'n': 4}
     assert np.isclose(rate(np.ones(9))['se'], 0.0)
+
+
+def test_the_report_names_what_goes_wrong_with_two_objects():
+    from cm3jax import quickstart_report
+    r = rate([1, 0, 0, 1])
+    report = {'text_to_image': {'exact': r, 'exact_reranked': r, 'exact_any_of_num': r, 'attr': r, 'num': 8,
+                                'by_objects': {'1': r, '2': r}, 'held_out_pairs': r,
+                                'two_objects_wrong': {'count': rate([0, 1]), 'object': r, 'borrowed_shape': rate([1, 1]),
+                                                      'relation': r}},
+              'image_to_text': {'exact': r}, 'tokenizer': {'judge_roundtrip': r}, 'lm': {'eval/loss': 0.4},
+              'sample': {'cfg_scale': 2.0, 'temperature': 0.5, 'top_p': 0.9, 'mode': 'sample', 'cdk_k': 2,
+                         'cdk_alpha': 0.5, 'num': 8},
+              'stages': {'lm': {'seconds': 3.0}}, 'wall_seconds': 3.0}
+    md = quickstart_report.markdown(report)
+    assert "| text-to-image, scenes of 2 objects: a stated object drawn with the other one's shape | 1.000 ± 0.000 (n=2) |" in md
+    assert '| text-to-image, scenes of 2 objects: not two objects | 0.500 ± 0.354 (n=2) |' in md
+    assert md.count('scenes of 2 objects:') == 4

@@ -19,6 +19,7 @@ import pytest
 
 from cm3jax.retrieval import load, train
 from configs import clip as clip_configs
+from tests.helpers import one_device_env
 
 STEPS, MIN_RECALL, MIN_RECALL_AT_5, MAX_RANDOM_RECALL = 800, 0.3, 0.7, 0.1
 
@@ -38,7 +39,7 @@ def test_tiny_retriever_learns_held_out_shapes_retrieval_and_reloads(tmp_path, r
     One test, not a module fixture shared by two: conftest moves this test to the front, and
     xdist then built such a fixture twice."""
     trained = tmp_path
-    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+    env = one_device_env()
     out = subprocess.run([sys.executable, '-m', 'cm3jax', 'train-retriever', '--config=configs/clip.py:tiny',
                           f'--workdir={trained}', '--config.train.progress=False', f'--config.train.steps={STEPS}',
                           f'--config.train.eval_every={STEPS // 2}', f'--config.train.checkpoint_every={STEPS // 2}'],

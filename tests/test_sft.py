@@ -2,7 +2,6 @@
 the trainer (from --init_from, resumed exactly after SIGTERM), on a tiny random tokenizer and LM."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from cm3jax.sample import decode as dec, generate, load
 from cm3jax.sft import data as sft_data, jsonl, mixture, prepare as sft_prepare, tasks
 from cm3jax.train import checkpoint
 from configs import data as data_configs, sft as sft_configs
-from tests.helpers import VQ32, random_tokenizer_workdir, tiny_config
+from tests.helpers import VQ32, one_device_env, random_tokenizer_workdir, tiny_config
 
 pytestmark = pytest.mark.xdist_group('sft')  # one worker builds the pretrained run for all
 WORLD = shapes.ShapesConfig(canvas=16, min_objects=1, max_objects=1)
@@ -288,7 +287,7 @@ def _losses(workdir):
 
 def test_sft_starts_from_the_pretrained_run_and_resumes_exactly_after_sigterm(tmp_path, pretrained, sft_dir, repo):
     steps = 30
-    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+    env = one_device_env()
     ref = subprocess.run(_sft_command(tmp_path / 'ref', pretrained, sft_dir, steps), cwd=repo, env=env,
                          capture_output=True, text=True, timeout=600)
     assert ref.returncode == 0, ref.stderr[-3000:]
@@ -336,7 +335,7 @@ def test_sample_edits_answers_and_traces_from_the_command_line(pretrained, tmp_p
     command = [sys.executable, '-m', 'cm3jax', 'sample', f'--workdir={pretrained / "lm"}', f'--out={tmp_path}',
                f'--image={tmp_path / "scene.png"}', '--edit=make the circle green', '--question=how many shapes?',
                f'--edge={tmp_path / "edges.png"}', '--prompt=a red circle', '--num=2']
-    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+    env = one_device_env()
     done = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert np.asarray(Image.open(tmp_path / 'edits.png')).shape == (16, 3 * 16, 3)  # the original, then 2 edits

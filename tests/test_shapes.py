@@ -1,5 +1,6 @@
 """The Shapes world: scenes, captions, edits, questions, the judge, documents and the TFDS builder."""
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -189,6 +190,30 @@ def test_relations_and_missing_objects_are_caught():
     assert J.score(img, 'three shapes: a red circle, a blue square and a red square')['exact'] == 0.0
     assert J.score(img, 'a red circle')['exact'] == 0.0  # the blue square is not in the caption
     assert J.score(img, 'a red circle', strict=False)['exact'] == 1.0
+
+
+
+def test_failures_name_what_is_wrong_and_tell_a_borrowed_shape_from_a_wrong_one():
+    a = S.Object('circle', 'red', 'small', 3, 6, 16)
+    b = S.Object('square', 'blue', 'large', 6, 22, 16)
+    img = S.render(S.Scene(32, (a, b)))
+    none = dict.fromkeys(('count', 'object', 'borrowed_shape', 'relation'), False)
+    assert J.failures(img, 'a red circle left of a blue square') == none
+    # the caption's colours and shapes, bound the other way round; or one shape on both colours
+    assert J.failures(img, 'a red square and a blue circle') == {**none, 'object': True, 'borrowed_shape': True}
+    two_circles = S.render(S.Scene(32, (a, dataclasses.replace(b, shape='circle'))))
+    assert J.failures(two_circles, 'a red circle and a large blue square') == {**none, 'object': True,
+                                                                             'borrowed_shape': True}
+    assert J.failures(img, 'a red square above a blue circle') == {**none, 'object': True, 'borrowed_shape': True,
+                                                                   'relation': True}
+    # a wrong size, or a shape no stated object has, is not borrowed
+    assert J.failures(img, 'a blue square right of a large red circle') == {**none, 'object': True}
+    assert J.failures(img, 'a red circle and a blue triangle') == {**none, 'object': True}
+    assert J.failures(img, 'three shapes: a red circle, a blue square and a red square') == {
+        **none, 'count': True, 'object': True}
+    assert J.failures(img, 'a red circle') == {**none, 'count': True}
+    with pytest.raises(ValueError):
+        J.failures(img, 'a circle of red')
 
 
 # --- instruction-tuning tasks --------------------------------------------------------------------

@@ -14,7 +14,7 @@ import pytest
 
 from cm3jax import params as params_lib, trainers
 from cm3jax.train import checkpoint, loop, metrics as metrics_lib, optim, step as step_lib
-from tests.helpers import tiny_config
+from tests.helpers import one_device_env, tiny_config
 
 
 def _metrics(workdir):
@@ -87,7 +87,7 @@ def _final_params(workdir):
 
 def test_sigterm_saves_and_the_resumed_run_is_bit_identical(tmp_path, repo):
     steps = 80  # enough that SIGTERM, sent after the 5th logged step, lands well before the end
-    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one device, like a user's laptop
+    env = one_device_env()  # one device, like a user's laptop
     reference = subprocess.run(_train_command(tmp_path / 'ref', steps), cwd=repo, env=env, capture_output=True,
                                text=True, timeout=600)
     assert reference.returncode == 0, reference.stderr[-3000:]
@@ -199,7 +199,7 @@ def test_two_processes_train_like_one(tmp_path, repo):
     """`cm3jax.launch`: 2 local processes x 4 CPU devices (gloo) match 1 process x 8 devices."""
     common = ['--config.train.steps=3', '--config.train.log_every=1', '--config.train.eval_every=0',
               '--config.train.progress=False']
-    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+    env = one_device_env()
     multi = subprocess.run([sys.executable, '-m', 'cm3jax.launch', '--processes=2', '--devices_per_process=4', '--',
                             sys.executable, '-m', 'cm3jax', 'train', f'--workdir={tmp_path / "multi"}',
                             '--config.mesh.dcn=(2,1,1)', '--config.mesh.ici=(1,2,2)', *common],

@@ -4,7 +4,6 @@ resized as configured), one ``--config`` dispatches on ``config.task``, and the 
 with the package."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -15,8 +14,9 @@ from PIL import Image
 from cm3jax import trainers
 from cm3jax.errors import ConfigError
 from configs import clip as clip_configs, lm as lm_configs
+from tests.helpers import one_device_env
 
-ONE_DEVICE = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # a user's laptop, not conftest's 8
+ONE_DEVICE = one_device_env()  # a user's laptop, not conftest's 8
 
 
 def _cli(repo, *args, cwd=None, cm3jax=(sys.executable, '-m', 'cm3jax')):

@@ -16,6 +16,7 @@ from cm3jax.data.sources import digits_source
 from cm3jax.params import CheckpointMismatch
 from cm3jax.vq import train
 from configs import vq as vq_configs
+from tests.helpers import one_device_env
 
 
 def _rows(workdir):
@@ -26,7 +27,7 @@ def _rows(workdir):
 def test_tiny_tokenizer_reaches_30db_on_held_out_shapes_using_most_codes(tmp_path, repo):
     """The acceptance run, through the command on one CPU device, on held-out scenes of the real
     Shapes world (one object at 16 px; about three minutes on 2 cores, the timeout a hang guard)."""
-    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+    env = one_device_env()
     out = subprocess.run([sys.executable, '-m', 'cm3jax', 'train-tokenizer', '--config=configs/vq.py:tiny',
                           f'--workdir={tmp_path}', '--config.train.progress=False'],
                          cwd=repo, env=env, capture_output=True, text=True, timeout=1200)

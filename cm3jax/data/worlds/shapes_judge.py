@@ -186,7 +186,13 @@ def score(image: np.ndarray, caption: str, cfg: ShapesConfig = DEFAULT, strict: 
         spec = parse_caption(caption, cfg)
     except ValueError:
         return {'parsed': 0.0, 'attr': 0.0, 'relation': nan, 'count': nan, 'extra': nan, 'exact': 0.0}
-    dets = parse(image, cfg)[:MAX_DETECTIONS]
+    return score_spec(parse(image, cfg), spec, strict)
+
+
+def score_spec(detections: list[Detection], spec: CaptionSpec, strict: bool = True) -> dict[str, float]:
+    """`score` of a parsed image against a parsed caption."""
+    nan = float('nan')
+    dets = detections[:MAX_DETECTIONS]
     m = len(spec.objects)
     best = (-1, False)
     for assign in set(itertools.permutations(list(range(len(dets))) + [None] * m, m)):
@@ -205,6 +211,34 @@ def score(image: np.ndarray, caption: str, cfg: ShapesConfig = DEFAULT, strict: 
     exact = attr == 1.0 and relation != 0.0 and count != 0.0 and not (strict and extra)
     return {'parsed': 1.0, 'attr': attr, 'relation': relation, 'count': count, 'extra': float(extra),
             'exact': float(exact)}
+
+
+def failures(image: np.ndarray, caption: str, cfg: ShapesConfig = DEFAULT) -> dict[str, bool]:
+    """What is wrong with an image drawn for a template caption, by kind (any number may hold):
+    ``count`` (not as many objects as the caption names), ``object`` (a stated object missing its
+    colour, shape or size), ``borrowed_shape`` (of ``object``: the picture is right once a stated
+    object takes another stated object's shape, or two of them exchange shapes; a binding error,
+    where the model drew the caption's shapes on the wrong colours) and ``relation`` (a stated
+    relation broken). All False for an exact image; ValueError for a caption that is not a
+    template caption."""
+    spec = parse_caption(caption, cfg)
+    dets = parse(image, cfg)
+    s = score_spec(dets, spec)
+    borrowed = False
+    if s['attr'] < 1:
+        objs = spec.objects
+        for i, j in itertools.permutations(range(len(objs)), 2):
+            if objs[i].shape == objs[j].shape:
+                continue
+            took = list(objs)
+            took[i] = dataclasses.replace(objs[i], shape=objs[j].shape)
+            both = list(took)
+            both[j] = dataclasses.replace(objs[j], shape=objs[i].shape)
+            if any(score_spec(dets, dataclasses.replace(spec, objects=tuple(o)))['attr'] == 1 for o in (took, both)):
+                borrowed = True
+                break
+    return {'count': len(dets) != len(spec.objects), 'object': s['attr'] < 1, 'borrowed_shape': borrowed,
+            'relation': s['relation'] == 0}
 
 
 def describes(spec: CaptionSpec, objects) -> bool:
