@@ -4,7 +4,8 @@ captions and captions written for pictures, on the Shapes world, judged exactly.
 ``get_config(arg)`` presets and their launch commands:
 
   default  what `make demo` runs: 32x32 scenes of 1-3 objects, two (shape, colour) pairs held
-           out of training; about 14 minutes on a quiet 2-core CPU (778 s of stages, 2026-12-03).
+           out of training; 9-20 minutes on a 2-core CPU, by the machine (491 s of stages on a
+           fast one, 2026-12-04; 778 s on a slower one, 2026-12-03).
            cm3jax quickstart --config=configs/quickstart.py
   tiny     the same stages at toy size (a minute or two), for tests and a first look.
            cm3jax quickstart --config=configs/quickstart.py:tiny --config.out=/tmp/qs
