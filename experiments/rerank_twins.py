@@ -87,7 +87,10 @@ def apply_overrides(config, overrides: dict) -> None:
             node = node[part]
         if last not in node:
             raise SystemExit(f'retriever config has no field {key!r}')
-        node[last] = value  # ConfigDict refuses a value of another type (an int for a float is widened)
+        try:
+            node[last] = value  # ConfigDict refuses a value of another type (an int for a float is widened)
+        except TypeError as e:
+            raise SystemExit(f'retriever config field {key!r}: {e}') from None
 
 
 def measure(config, out: pathlib.Path, steps: int, fraction: float, verdict: dict, arrays,

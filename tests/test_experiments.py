@@ -142,6 +142,8 @@ def test_the_rerank_experiment_tables_named_retriever_variants(rerank, tmp_path)
     assert config.model.vision_layers == 4 and config.optim.learning_rate == 1e-3
     with pytest.raises(SystemExit, match="no field 'model.depth'"):
         rerank.apply_overrides(config, {'model.depth': 4})
+    with pytest.raises(SystemExit, match="field 'model.vision_layers'.*cannot be casted"):
+        rerank.apply_overrides(config, {'model.vision_layers': 'four'})
     rate = lambda v: {'value': v, 'se': 0.01, 'n': 256}  # noqa: E731
     runs = {f'450/0/{name}': {'variant': name, 'overrides': o, 'steps': 450, 'twins': 0.0, 'seconds': 100.0,
                               'recall_t2i_r1': 0.3, 'twin_t2i': 0.7, 'twin_i2t': 0.8, 'auc': 0.6,
