@@ -8,8 +8,9 @@ CFG scale x temperature x mode, ``--num`` images are drawn for each of ``--promp
 captions of 1-2 objects (the report's headline set); the Shapes judge scores the first sample
 (single) and the one CLIP ranks best (re-ranked). The top-p, CD-K k and alpha are the
 quickstart config's. Writes ``quickstart_sweep.md`` (the table), ``.json`` and ``.png`` (two
-heat maps) into ``--results`` (experiments/results). Settings already measured (in the JSON)
-are skipped, so an interrupted sweep continues where it was.
+heat maps) into ``--results`` (experiments/results). Settings already measured (in the JSON, for
+the same directory and the same trained LM) are skipped, so an interrupted sweep continues where
+it was.
 """
 
 from __future__ import annotations
@@ -137,8 +138,11 @@ def main(argv=None) -> dict:
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / 'quickstart_sweep.json'
     results = json.loads(path.read_text()) if path.exists() else {}
-    if results.get('out') != str(out) or results.get('prompts') != args.prompts or results.get('num') != args.num:
-        results = {'out': str(out), 'prompts': args.prompts, 'num': args.num, 'settings': {}}
+    # the LM's own record of its training (stages.json) tells a retrained model in the same directory
+    lm = json.loads((out / 'stages.json').read_text()).get('lm', {}).get('result') if (out / 'stages.json').exists() else None
+    if (results.get('out'), results.get('prompts'), results.get('num'), results.get('lm')) != (
+            str(out), args.prompts, args.num, lm):
+        results = {'out': str(out), 'prompts': args.prompts, 'num': args.num, 'lm': lm, 'settings': {}}
     given = sys.argv[1:] if argv is None else argv
     results.update(top_p=config.sample.top_p, cdk_k=config.sample.cdk_k, cdk_alpha=config.sample.cdk_alpha,
                    command=' '.join(['python experiments/quickstart_sweep.py', *given]))
