@@ -138,8 +138,10 @@ def main(argv=None) -> dict:
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / 'quickstart_sweep.json'
     results = json.loads(path.read_text()) if path.exists() else {}
-    # the LM's own record of its training (stages.json) tells a retrained model in the same directory
-    lm = json.loads((out / 'stages.json').read_text()).get('lm', {}).get('result') if (out / 'stages.json').exists() else None
+    # the LM stage's losses (stages.json) tell a retrained model in the same directory
+    stages = json.loads((out / 'stages.json').read_text()) if (out / 'stages.json').exists() else {}
+    trained = stages.get('lm', {}).get('result', {})
+    lm = {k: trained[k] for k in ('step', 'loss', 'eval/loss') if k in trained}
     if (results.get('out'), results.get('prompts'), results.get('num'), results.get('lm')) != (
             str(out), args.prompts, args.num, lm):
         results = {'out': str(out), 'prompts': args.prompts, 'num': args.num, 'lm': lm, 'settings': {}}
