@@ -136,7 +136,28 @@ def retriever(config, out: pathlib.Path, workdir: pathlib.Path | None = None) ->
     clip.data.source = source(config, 'train')
     clip.data.eval = {'validation': {'split': 'validation'}}
     clip.mesh = config.mesh
-    return _finished(trainers.train(clip, str(workdir or out / 'retriever')), clip.train.steps, 'the retriever')
+    workdir = workdir or out / 'retriever'
+    summary = _finished(trainers.train(clip, str(workdir)), clip.train.steps, 'the retriever')
+    return {**summary, **retriever_binding(config, workdir)}
+
+
+def binding_probe(config) -> tuple[np.ndarray, list[str], list[str]]:
+    """`cm3jax.eval.shapes.binding_probe` on unseen two-object scenes of the quickstart's world."""
+    from cm3jax.eval import shapes as shapes_eval
+    return shapes_eval.binding_probe(world(config), config.sample.prompts, seed=config.seed + 2)
+
+
+def retriever_binding(config, workdir: pathlib.Path) -> dict:
+    """How often the retriever scores an image higher with its caption than with the caption whose
+    two shapes are swapped (0.5: it reads captions as bags of words, and re-ranking cannot catch a
+    sample that binds them the wrong way); {} when the world holds no two objects."""
+    from cm3jax.eval import shapes as shapes_eval
+    from cm3jax.retrieval import load as retrieval_load
+    images, captions, swapped = binding_probe(config)
+    if not len(images):
+        return {}
+    retriever = retrieval_load.load_retriever(workdir)
+    return {'binding': shapes_eval.preference(retriever.score(images, captions), retriever.score(images, swapped))}
 
 
 def index(config, out: pathlib.Path) -> dict:
@@ -172,17 +193,27 @@ def lm(config, out: pathlib.Path) -> dict:
 
 def guidance_gap(config, out: pathlib.Path) -> dict:
     """Held-out image-token NLL after the caption and after the unconditional prompt: guidance
-    subtracts the second stream, so it must be trained (caption dropout) to mean anything."""
+    subtracts the second stream, so it must be trained (caption dropout) to mean anything. And
+    binding: how often the true caption of a two-object scene gives its image a lower NLL than the
+    caption with the two shapes swapped (`binding_probe`), and by how many nats per image."""
     import flax.linen as nn
     import jax
+    from cm3jax.eval import shapes as shapes_eval
     from cm3jax.sample import generate, load
     gen, mesh, rules = load.load_generator(out / 'lm')
     docs = scenes(config, *prompt_sets(config)['main'], config.sample.prompts)
     images, captions = np.stack([d.images[0] for d in docs]), [d.texts[0] for d in docs]
+    pairs, true, swapped = binding_probe(config)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         nll = generate.image_nll(gen, captions + [None] * len(captions), np.concatenate([images, images]))
-    return {'image_nll_conditional': float(nll[:len(docs)].mean()),
-            'image_nll_unconditional': float(nll[len(docs):].mean())}
+        if len(pairs):
+            bound = generate.image_nll(gen, true + swapped, np.concatenate([pairs, pairs])) * gen.image_tokens
+    result = {'image_nll_conditional': float(nll[:len(docs)].mean()),
+              'image_nll_unconditional': float(nll[len(docs):].mean())}
+    if len(pairs):
+        result |= {'binding': shapes_eval.preference(-bound[:len(true)], -bound[len(true):]),
+                   'binding_gap_nats': float((bound[len(true):] - bound[:len(true)]).mean())}
+    return result
 
 
 # ---- 7-9: sampling, captioning, judging ----------------------------------------------------------
@@ -322,8 +353,11 @@ def judge(config, out: pathlib.Path, done: dict) -> dict:
     report['image_to_text'] = {'exact': rate([s['exact'] for s in i2t]), 'attr': rate([s['attr'] for s in i2t])}
     report['tokenizer'] = {'judge_roundtrip': done['tokenizer']['result']['judge_roundtrip'],
                            'psnr': done['tokenizer']['result'].get('eval/psnr')}
-    keep = ('loss', 'eval/loss', 'eval/image/nll', 'eval/text/nll', 'image_nll_conditional', 'image_nll_unconditional')
+    keep = ('loss', 'eval/loss', 'eval/image/nll', 'eval/text/nll', 'image_nll_conditional', 'image_nll_unconditional',
+            'binding', 'binding_gap_nats')
     report['lm'] = {k: v for k, v in done['lm']['result'].items() if k in keep}
+    if 'binding' in done['retriever']['result']:
+        report['retriever'] = {'binding': done['retriever']['result']['binding']}
     report['sample'] = config.sample.to_dict()
     quickstart_report.write(out, report, arrays, main, best, written, [s['exact'] for s in i2t], docs)
     return report

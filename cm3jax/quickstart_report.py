@@ -79,11 +79,19 @@ def _pct(rate: dict) -> str:
     return f'{rate["value"]:.3f} ± {rate["se"]:.3f} (n={rate["n"]})'
 
 
-def _lm_rows(lm: dict) -> list[str]:
+def _lm_rows(report: dict) -> list[str]:
+    lm = report['lm']
     names = {'eval/loss': 'LM held-out loss (nats per token)',
              'image_nll_conditional': 'LM held-out image NLL after the caption (nats per image token)',
-             'image_nll_unconditional': 'LM held-out image NLL after `<mask>`, the unconditional stream'}
-    return [f'| {text} | {lm[k]:.3f} |' for k, text in names.items() if k in lm]
+             'image_nll_unconditional': 'LM held-out image NLL after `<mask>`, the unconditional stream',
+             'binding_gap_nats': 'LM image NLL after the shape-swapped caption, minus after the true one (nats per image)'}
+    rows = [f'| {text} | {lm[k]:.3f} |' for k, text in names.items() if k in lm]
+    swap = 'its caption to the same caption with the two shapes swapped (binding; 0.5 = none)'
+    if 'binding' in lm:
+        rows.append(f'| LM prefers {swap} | {_pct(lm["binding"])} |')
+    if 'binding' in report.get('retriever', {}):
+        rows.append(f'| CLIP prefers {swap} | {_pct(report["retriever"]["binding"])} |')
+    return rows
 
 
 def markdown(report: dict) -> str:
@@ -106,7 +114,7 @@ def markdown(report: dict) -> str:
         f'| text-to-image, exact, (shape, colour) pairs never seen in training | {_pct(t["held_out_pairs"])} |',
         f'| image-to-text, exact (greedy, unseen scenes of 1-2 objects) | {_pct(c["exact"])} |',
         f'| tokenizer round trip, exact (the ceiling of any LM) | {_pct(report["tokenizer"]["judge_roundtrip"])} |',
-        *_lm_rows(report['lm']),
+        *_lm_rows(report),
         '',
         f'Sampling: CFG {s["cfg_scale"]}, temperature {s["temperature"]}, top-p {s["top_p"]}, mode {s["mode"]} '
         f'(CD-K k={s["cdk_k"]}, alpha={s["cdk_alpha"]}), {s["num"]} samples per caption.', '',

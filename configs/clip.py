@@ -48,6 +48,7 @@ def get_config(arg: str = 'tiny') -> ConfigDict:
             'image_mean': (0.0, 0.0, 0.0), 'image_std': (1.0, 1.0, 1.0),
             'dtype': 'float32', 'vocab_multiple': 128,
             'scan_unroll': 2,  # both layers in one loop body: XLA:CPU's scan residual copies cost ~10% a step
+            'text_canon': '', 'text_canon_taps': (1, 2, 3),  # Canon layers in the text tower ('' = off, as CLIP)
         })
     else:  # ViT-B/32: the shapes of openai/clip-vit-base-patch32, so its converted weights load
         config.model = ConfigDict({
@@ -56,7 +57,7 @@ def get_config(arg: str = 'tiny') -> ConfigDict:
             'max_len': 77, 'text_width': 512, 'text_layers': 12, 'text_heads': 8, 'text_mlp_dim': 2048,
             'projection_dim': 512, 'activation': 'quick_gelu', 'logit_scale_init': math.log(1 / 0.07),
             'image_mean': OPENAI_MEAN, 'image_std': OPENAI_STD,
-            'dtype': 'float32', 'vocab_multiple': 128, 'scan_unroll': 1,
+            'dtype': 'float32', 'vocab_multiple': 128, 'scan_unroll': 1, 'text_canon': '', 'text_canon_taps': (1, 2, 3),
         })
     # Text tokenizer: `file`, a tokenizer.json you bring (e.g. HF CLIP's, whose <|startoftext|> and
     # <|endoftext|> are used as CLIP uses them), or '' to train a byte-level BPE of `vocab_size` on
@@ -75,6 +76,9 @@ def get_config(arg: str = 'tiny') -> ConfigDict:
         # the fraction of each batch that is hard-negative twins of the rest (Shapes sources only;
         # cm3jax.data.worlds.twins): the same scene with one stated thing changed
         'twins': 0.0,
+        # each pair's binding negative (Shapes sources only; NegCLIP): its caption with two objects'
+        # shapes swapped, one more text its image must score below its own caption
+        'binding_negatives': False,
     })
     # AdamW (cm3jax.train.optim.OptimConfig); CLIP's betas (0.9, 0.98) and eps 1e-6.
     config.optim = ConfigDict({

@@ -92,6 +92,11 @@ def get_config(arg: str = 'tiny') -> ConfigDict:
     # image_ids = [start, stop) of the data's image-code ids, and image_positions >= codes per image.
     m.image_positions = 0
     m.image_ids = (0, 0)
+    # Canon layers: a causal short convolution over the previous `canon_taps` tokens on the
+    # residual stream, before each attention ('A') and/or MLP ('C') (cm3jax.model.layers.Canon);
+    # '' = off, as in CM3leon and Chameleon
+    m.canon = ''
+    m.canon_taps = (1, 2, 3)
     m.dtype = 'float32'  # compute dtype; params stay float32
     m.param_dtype = 'float32'
 

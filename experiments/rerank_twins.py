@@ -21,7 +21,6 @@ overrides of the quickstart's ``retriever`` config (``name=model.vision_layers=4
 from __future__ import annotations
 
 import argparse
-import ast
 import itertools
 import json
 import pathlib
@@ -30,6 +29,9 @@ import sys
 import time
 
 import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from variants import apply_overrides, finish, parse_variants  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,46 +55,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def parse_variants(text: str) -> dict[str, dict]:
-    """'base=;deep=model.vision_layers=4,model.text_layers=4' -> {'base': {}, 'deep': {...}}; a value
-    is a Python literal, or else the string as given."""
-    variants = {}
-    for item in filter(None, (part.strip() for part in text.split(';'))):
-        name, eq, rest = item.partition('=')
-        if not eq or not name.isidentifier() or name in variants:
-            raise ValueError(f'{item!r}: a variant is a new NAME (letters, digits, _), then =, then its overrides')
-        overrides = {}
-        for pair in filter(None, rest.split(',')):
-            key, eq, value = pair.partition('=')
-            if not eq or not key:
-                raise ValueError(f'{pair!r} in variant {name!r} is not KEY=VALUE')
-            try:
-                overrides[key] = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                overrides[key] = value
-        variants[name] = overrides
-    if not variants:
-        raise ValueError('name at least one variant, e.g. base=')
-    return variants
-
-
-def apply_overrides(config, overrides: dict) -> None:
-    """Sets each dotted KEY of `config` (a ConfigDict), refusing a key the config does not have."""
-    for key, value in overrides.items():
-        *path, last = key.split('.')
-        node = config
-        for part in path:
-            if part not in node:
-                raise SystemExit(f'retriever config has no field {key!r}')
-            node = node[part]
-        if last not in node:
-            raise SystemExit(f'retriever config has no field {key!r}')
-        try:
-            node[last] = value  # ConfigDict refuses a value of another type (an int for a float is widened)
-        except TypeError as e:
-            raise SystemExit(f'retriever config field {key!r}: {e}') from None
-
-
 def measure(config, out: pathlib.Path, steps: int, fraction: float, verdict: dict, arrays,
             variant: str = 'base', overrides: dict | None = None) -> dict:
     """Trains (or reuses) one retriever and re-ranks the drawn samples; `verdict` is
@@ -103,7 +65,7 @@ def measure(config, out: pathlib.Path, steps: int, fraction: float, verdict: dic
     config = config.copy_and_resolve_references()
     config.retriever.data.twins = fraction
     config.retriever.train.steps = steps
-    apply_overrides(config.retriever, overrides or {})
+    apply_overrides(config.retriever, overrides or {}, 'retriever config')
     # the quickstart's own retriever keeps the directory name it had before variants existed
     workdir = out / 'rerank' / (f'steps_{steps}_twins_{fraction:g}' + ('' if not overrides else f'_{variant}'))
     timing = workdir / 'seconds.json'  # the training's own seconds, kept for a rerun that reuses it
@@ -246,12 +208,7 @@ def main(argv=None) -> dict:
         print(f'{_describe(r)}, {steps} steps, twins {fraction:g}: recall@1 {r["recall_t2i_r1"]:.3f}, beats its twin {r["twin_t2i"]:.3f}, '
               f're-ranked {r["reranked"]["value"]:.3f} ({r["seconds"]:.0f} s)', flush=True)
         (results_dir / f'{args.name}.json').write_text(json.dumps(results, indent=1))
-    md = table(results)
-    (results_dir / f'{args.name}.md').write_text(md + '\n')
-    plot(results, results_dir / f'{args.name}.png')
-    print(md)
-    print(f'wrote {results_dir}/{args.name}.md, .json and .png')
-    return results
+    return finish(results, results_dir, args.name, table, plot)
 
 
 if __name__ == '__main__':

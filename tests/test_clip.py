@@ -217,6 +217,29 @@ def test_config_validation():
         dataclasses.replace(TINY, eos_token_id=100)
     with pytest.raises(ValueError, match='scan_unroll=0 must be a positive int'):
         dataclasses.replace(TINY, scan_unroll=0)
+    with pytest.raises(ValueError, match="text_canon='B'"):
+        dataclasses.replace(TINY, text_canon='B')
+    with pytest.raises(ValueError, match='text_canon_taps=.* must be distinct ints >= 1'):
+        dataclasses.replace(TINY, text_canon='A', text_canon_taps=(0,))
+
+
+def test_text_canon_layers_start_as_identity_and_read_only_earlier_tokens():
+    cfg = dataclasses.replace(TINY, text_canon='AC')
+    params = clip.init(cfg, jax.random.key(0))
+    layers = params['text']['encoder']['layers']
+    assert layers['canon_a']['taps'].shape == (2, 3, 32) and 'canon_a' not in params['vision']['encoder']['layers']
+    ids = np.array([[5, 6, 7, 8, 99, 0], [9, 8, 7, 99, 0, 0]])
+    mask = ids > 0
+    plain = {**params, 'text': {k: v for k, v in params['text'].items() if k != 'encoder'} | {
+        'encoder': {'layers': {k: v for k, v in layers.items() if not k.startswith('canon')}}}}
+    np.testing.assert_allclose(clip.embed_text(params, cfg, ids, mask), clip.embed_text(plain, TINY, ids, mask),
+                               atol=1e-6)  # zero taps: the plain tower
+    layers = {**layers, 'canon_a': {'taps': jnp.ones_like(layers['canon_a']['taps'])}}
+    moved = {**params, 'text': {**params['text'], 'encoder': {'layers': layers}}}
+    out = clip.embed_text(moved, cfg, ids, mask)
+    assert not np.allclose(out, clip.embed_text(params, cfg, ids, mask), atol=1e-4)
+    # the pooled end token reads earlier tokens only: what follows it (padding) changes nothing
+    np.testing.assert_allclose(clip.embed_text(moved, cfg, np.where(mask, ids, 3), mask), out, atol=1e-6)
 
 
 def test_an_unrolled_scan_gives_the_same_embeddings(tiny_params):

@@ -42,12 +42,26 @@ def test_preset_shapes_follow_the_paper():
     ('model.scan_unroll', 0, r'model.scan_unroll=0 must be an int >= 1'),
     ('model.image_positions', -1, r'model.image_positions=-1 must be an int >= 0'),
     ('model.image_positions', 64, r'model.image_positions=64 needs model.image_ids=\(start, stop\)'),
+    ('model.canon', 'AB', r"model.canon='AB': give the Canon sites, any of \"A\" .* and \"C\""),
+    ('model.canon', 'AA', r"model.canon='AA'"),
 ])
 def test_bad_configs_name_the_field(field, value, message):
     config = lm.get_config('tiny')
     section, name = field.split('.')
     config[section][name] = value
     with pytest.raises(ConfigError, match=message):
+        lm_config.validate(config, num_devices=8)
+
+
+def test_canon_taps_are_checked_when_canon_is_on():
+    config = lm.get_config('tiny')
+    config.model.canon_taps = (1, 1)
+    lm_config.validate(config, num_devices=8)  # off: the taps are not read
+    config.model.canon = 'A'
+    with pytest.raises(ConfigError, match=r'model.canon_taps=\(1, 1\) must be distinct ints >= 1'):
+        lm_config.validate(config, num_devices=8)
+    config.model.canon_taps = (0, 2)
+    with pytest.raises(ConfigError, match='must be distinct ints >= 1'):
         lm_config.validate(config, num_devices=8)
 
 

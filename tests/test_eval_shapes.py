@@ -3,11 +3,12 @@ captions near chance, each category has an example that fails it, and the tokeni
 read a round trip right."""
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
 
-from cm3jax.data.worlds import shapes as world
+from cm3jax.data.worlds import shapes as world, shapes_judge
 from cm3jax.eval import fid, shapes
 from cm3jax.vq import model as vq
 from tests.helpers import random_vq_params
@@ -101,3 +102,19 @@ def test_psnr():
     b[1, 0, 0, 0] = 255  # mse 255^2 / 48
     np.testing.assert_allclose(shapes.psnr(a, b), [20 * np.log10(255.0), 10 * np.log10(48.0)])
     assert shapes.psnr(a[:1], a[:1])[0] == np.inf
+
+
+def test_the_binding_probe_swaps_only_the_two_shape_words():
+    images, captions, swapped = shapes.binding_probe(CFG, 60, seed=3)
+    assert images.shape == (60, 32, 32, 3) and len(captions) == len(swapped) == 60
+    for image, text, other in zip(images, captions, swapped):
+        assert other != text and sorted(re.findall(r'\w+', other)) == sorted(re.findall(r'\w+', text))  # two words moved
+        judged = shapes_judge.score(image, text, CFG), shapes_judge.score(image, other, CFG)
+        assert judged[0]['exact'] == 1.0 and judged[1]['exact'] == 0.0, (text, other)
+        for pair in CFG.held_out:
+            assert ' '.join(pair[::-1]) not in other  # no swap names a pair training never shows
+    again = shapes.binding_probe(CFG, 60, seed=3)
+    assert again[1] == captions and np.array_equal(again[0], images)
+    one = dataclasses.replace(CFG, min_objects=1, max_objects=1)
+    assert len(shapes.binding_probe(one, 5)[1]) == 0  # no two objects: nothing to bind
+    assert shapes.preference([2.0, 1.0, 3.0, 0.0], [1.0, 1.0, 2.0, 1.0])['value'] == 0.5  # ties fail

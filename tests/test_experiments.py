@@ -197,3 +197,49 @@ def test_the_sft_notebook_runs_the_script_with_valid_arguments(sft, repo):
     scope = notebook_arguments(repo, 'sft_shapes')
     args = sft.parse_args(scope['ARGS'])
     assert args.workdir == scope['WORKDIR'] and args.pretrained == 'out/quickstart/lm'
+
+
+@pytest.fixture(scope='module')
+def variants(repo):
+    return _experiment(repo, 'lm_variants')
+
+
+def test_the_lm_variants_experiment_checks_arguments_and_tables_every_variant(variants, tmp_path):
+    args = variants.parse_args(['--variants=base=;canon=lm.model.canon=AC,lm.model.canon_taps=(1,2,3,8),'
+                                'lm.optim.learning_rate=6e-3'])
+    assert args.variants == {'base': {}, 'canon': {'lm.model.canon': 'AC', 'lm.model.canon_taps': (1, 2, 3, 8),
+                                                   'lm.optim.learning_rate': 6e-3}}
+    with pytest.raises(SystemExit):
+        variants.parse_args(['--variants=canon'])
+    from configs import quickstart
+    config = quickstart.get_config()
+    variants.apply_overrides(config, args.variants['canon'], 'quickstart config')
+    assert config.lm.model.canon_taps == (1, 2, 3, 8) and config.lm.optim.learning_rate == 6e-3
+    with pytest.raises(SystemExit, match="quickstart config has no field 'lm.model.canons'"):
+        variants.apply_overrides(config, {'lm.model.canons': 'A'}, 'quickstart config')
+    rate = lambda v: {'value': v, 'se': 0.01, 'n': 256}  # noqa: E731
+    run = lambda v: {'overrides': {}, 'single': rate(v), 'reranked': rate(v + 0.02), 'any': rate(0.95),  # noqa: E731
+                     'by_objects': {'1': rate(0.99), '2': rate(v - 0.2), '3': rate(0.1)}, 'borrowed_shape': rate(0.1),
+                     'held_out_pairs': rate(0.0), 'captions': rate(0.9), 'binding': rate(0.5 + v / 2),
+                     'binding_gap_nats': 1.5, 'image_nll': 0.17, 'lm_seconds': 600.0}
+    results = {'out': 'out/quickstart', 'runs': {'base': run(0.7), 'canon': {**run(0.8), 'overrides': {'x.y': 1}}}}
+    rows = [line for line in variants.table(results).splitlines() if line.startswith('| ')]
+    assert rows[1:] == ['| base | 0.700 ± 0.010 | 0.720 ± 0.010 | 0.950 | 0.990 / 0.500 / 0.100 | 0.100 | 0.900 ± 0.010 '
+                        '| 0.850 | 1.50 | 600 |',
+                        '| canon (`x.y=1`) | 0.800 ± 0.010 | 0.820 ± 0.010 | 0.950 | 0.990 / 0.600 / 0.100 | 0.100 | '
+                        '0.900 ± 0.010 | 0.900 | 1.50 | 600 |']
+    variants.plot(results, tmp_path / 'lm.png')
+    assert Image.open(tmp_path / 'lm.png').size[0] > 300
+
+
+def test_an_lm_variant_reuses_the_quickstart_stages(variants, tmp_path):
+    out = tmp_path / 'qs'
+    for name in variants.LINKED:
+        (out / name).mkdir(parents=True)
+    (out / 'stages.json').write_text(json.dumps({k: {'seconds': 1, 'result': {}} for k in
+                                                 (*variants.SHARED, 'lm', 'judge')}))
+    variants.prepare_variant(out, tmp_path / 'v')
+    assert all((tmp_path / 'v' / name).resolve() == (out / name).resolve() for name in variants.LINKED)
+    assert set(json.loads((tmp_path / 'v' / 'stages.json').read_text())) == set(variants.SHARED)
+    with pytest.raises(SystemExit, match='is not a quickstart directory whose first stages'):
+        variants.main([f'--out={tmp_path}', f'--results={tmp_path / "r"}'])

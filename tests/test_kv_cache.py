@@ -13,16 +13,30 @@ from tests.helpers import build, forward, random_tokens, tiny_config
 NEW = 16  # decoded tokens
 
 
+def canon_params(params):
+    """Random Canon taps (they start at zero, which would hide a wrong history)."""
+    def perturb(path, x):
+        name = getattr(path[-1], 'key', '')
+        return 0.5 * jax.random.normal(jax.random.key(len(str(path))), x.shape) if name == 'taps' else x
+    return jax.tree_util.tree_map_with_path(perturb, params)
+
+
 @pytest.mark.parametrize('variant,padding', [('cm3leon', 'right'), ('chameleon', 'right'), ('chameleon', 'left'),
-                                             ('images', 'right'), ('images', 'left')])
+                                             ('images', 'right'), ('images', 'left'), ('canon', 'right'),
+                                             ('canon', 'left')])
 def test_cached_decode_matches_full_forward_on_ragged_prompts(variant, padding):
     """Rows with prompts of 3, 7 and 5 tokens share one padded batch; chameleon-tiny has GQA
     (2 k/v heads for 4 query heads), QK-norm and RoPE. 'images' adds image-place embeddings on
     ids 100-499, so runs of image codes cross from the prompt into the decoded tokens (the
-    cache carries each row's place) and some outrun the table's 6 places."""
-    config = (tiny_config('cm3leon', image_positions=6, image_ids=(100, 500)) if variant == 'images'
-              else tiny_config(variant))
+    cache carries each row's place) and some outrun the table's 6 places. 'canon' adds Canon
+    layers before attention and MLP whose taps reach back further than the shortest prompt (the
+    cache carries each layer's last inputs)."""
+    config = {'images': lambda: tiny_config('cm3leon', image_positions=6, image_ids=(100, 500)),
+              'canon': lambda: tiny_config('cm3leon', canon='AC', canon_taps=(1, 2, 4))}.get(
+                  variant, lambda: tiny_config(variant))()
     model, params, _, _ = build(config)
+    if variant == 'canon':
+        params = canon_params(params)
     assert variant != 'chameleon' or model.cfg.num_kv_heads < model.cfg.num_heads
     lengths = [3, 7, 5]
     width = max(lengths)

@@ -54,9 +54,22 @@ def test_chameleon_params_exist():
     assert flat['layers/attn_norm/scale'].shape == (cfg.num_layers, cfg.d_model)
 
 
-@pytest.mark.parametrize('variant', ['cm3leon', 'chameleon'])
+def random_canon_taps(params, key: int = 5):
+    """Canon taps start at zero (the identity); tests that must see them act give them values."""
+    def draw(path, x):
+        if getattr(path[-1], 'key', '') != 'taps':
+            return x
+        return 0.5 * jax.random.normal(jax.random.fold_in(jax.random.key(key), len(jax.tree_util.keystr(path))), x.shape)
+    return jax.tree_util.tree_map_with_path(draw, params)
+
+
+@pytest.mark.parametrize('variant', ['cm3leon', 'chameleon', 'canon'])
 def test_packed_documents_match_separate(variant):
-    model, params, _, _ = build(tiny_config(variant))
+    """A packed document sees nothing of its neighbours: attention is masked per segment, and a
+    Canon tap reaching before a segment's start reads nothing."""
+    model, params, _, _ = build(tiny_config(canon='AC', canon_taps=(1, 2, 5)) if variant == 'canon'
+                                else tiny_config(variant))
+    params = random_canon_taps(params)
     a, b = random_tokens(1, (1, 11), 500), random_tokens(2, (1, 9), 500)
     packed = jnp.concatenate([a, b, jnp.zeros((1, 4), jnp.int32)], axis=1)  # 4 tokens of padding
     segments = jnp.array([[1] * 11 + [2] * 9 + [0] * 4])
@@ -65,6 +78,48 @@ def test_packed_documents_match_separate(variant):
     alone_b = forward(model)(params, b)
     np.testing.assert_allclose(logits[:, :11], alone_a, atol=1e-5)
     np.testing.assert_allclose(logits[:, 11:20], alone_b, atol=1e-5)
+
+
+def test_canon_layer_adds_the_earlier_tokens_of_its_segment():
+    """y_t = x_t + sum_j w_j * x_{t-j} over the taps, reading nothing before the segment start."""
+    from cm3jax.model.layers import Canon
+    x = jax.random.normal(jax.random.key(0), (2, 7, 4))
+    segments = jnp.array([[1, 1, 1, 1, 2, 2, 2], [0, 0, 1, 1, 1, 1, 1]])
+    positions = positions_from_segments(segments)
+    layer = Canon((1, 3))
+    w = jnp.array([[1.0, 2.0, -1.0, 0.5], [0.25, -2.0, 3.0, 1.0]])
+    y, history = layer.apply({'params': {'taps': w}}, x, positions, segments)
+    assert history is None
+    want = np.array(x)
+    pos = np.asarray(positions)
+    for b in range(2):
+        for t in range(7):
+            for i, j in enumerate((1, 3)):
+                if pos[b, t] >= j:
+                    want[b, t] += np.asarray(w[i]) * np.asarray(x[b, t - j])
+    np.testing.assert_allclose(y, want, atol=1e-6)
+    zero, _ = layer.apply({'params': {'taps': jnp.zeros_like(w)}}, x, positions, segments)
+    np.testing.assert_array_equal(zero, x)  # zero taps (the init) are the identity
+    # a cached call continues from the history: the same outputs as one pass over the whole row
+    hist = jnp.zeros((2, 3, 4))
+    first, hist = layer.apply({'params': {'taps': w}}, x[:, :4], positions[:, :4], segments[:, :4], hist)
+    rest, _ = layer.apply({'params': {'taps': w}}, x[:, 4:], positions[:, 4:], segments[:, 4:], hist)
+    np.testing.assert_allclose(jnp.concatenate([first, rest], axis=1), want, atol=1e-6)
+
+
+def test_canon_switch_is_causal_and_starts_as_the_plain_model():
+    plain, params, _, _ = build(tiny_config(position='rope'))
+    canon, canon_params, _, _ = build(tiny_config(position='rope', canon='AC'))
+    tokens = random_tokens(6, (2, 12), 500)
+    taps = {k: v for k, v in canon_params['layers'].items() if k.startswith('canon')}
+    assert set(taps) == {'canon_a', 'canon_c'} and taps['canon_a']['taps'].shape == (2, 3, 64)
+    np.testing.assert_allclose(forward(canon)(canon_params, tokens), forward(plain)(params, tokens), atol=1e-6)
+    canon_params = random_canon_taps(canon_params)
+    logits = forward(canon)(canon_params, tokens)
+    changed = forward(canon)(canon_params, tokens.at[:, 8].set(7))
+    np.testing.assert_allclose(changed[:, :8], logits[:, :8], atol=1e-6)
+    assert not np.allclose(changed[:, 8:], logits[:, 8:], atol=1e-6)
+    assert not np.allclose(logits, forward(plain)(params, tokens), atol=1e-3)
 
 
 def test_positions_restart_per_segment():

@@ -4,6 +4,7 @@ judge reads the rendered images; the retriever's batches append them, and its ev
 often a pair beats its twin."""
 
 import collections
+import re
 
 import numpy as np
 import pytest
@@ -87,3 +88,66 @@ def test_twin_accuracy_counts_pairs_that_beat_their_twin():
     twin_text = np.array([[0, 0, 1], [1, 0, 0], [0, 1, 0]], np.float32)
     out = {k: float(v) for k, v in train.twin_accuracy(text, image, twin_text, twin_image).items()}
     assert out == {'twin_t2i': pytest.approx(1 / 3), 'twin_i2t': 1.0}
+
+
+def test_binding_negatives_bind_the_same_words_the_other_way():
+    found = 0
+    for i in range(300):
+        doc = shapes.scene_document(WORLD, 0, i)
+        scene = shapes.Scene.from_dict(doc.meta['scene'])
+        negative = twins.binding_negative(scene, doc.texts[0], np.random.default_rng(i), WORLD)
+        if len(scene.objects) == 1:
+            assert negative is None
+        if negative is None:
+            continue
+        found += 1
+        words = lambda t: sorted(re.findall(r'\w+', t))  # noqa: E731
+        assert words(negative) == words(doc.texts[0]) and negative != doc.texts[0]
+        assert not shapes_judge.describes(shapes_judge.parse_caption(negative, WORLD), scene.objects), negative
+        spec = shapes_judge.parse_caption(negative, WORLD)
+        assert not {(o.shape, o.colour) for o in spec.objects} & set(WORLD.held_out), negative
+    assert found > 50
+
+
+def test_retriever_batches_carry_binding_negatives_for_their_drawn_rows():
+    config = _config(0.25)
+    source = make_source(config.data.source)
+    docs = [d for _, d in zip(range(40), make_source(config.data.source))]
+    layout = load.text_layout(train_bpe([d.texts[0] for d in docs], 300), 24)
+    example = train.pair_example(32, 'data.source')
+    batch = train.pair_collate(layout, 4, source.cfg, seed=0, negatives=True)([example(d) for d in docs[:12]])
+    assert batch['negative_ids'].shape == batch['ids'].shape == (16, 24) and batch['negative_valid'].shape == (16,)
+    assert not batch['negative_valid'][12:].any()  # twins have none
+    for k, doc in enumerate(docs[:12]):
+        text = twins.binding_negative(shapes.Scene.from_dict(doc.meta['scene']), doc.texts[0],
+                                      train.twin_rng(1, doc), source.cfg)
+        assert batch['negative_valid'][k] == (text is not None)
+        if text is not None:
+            np.testing.assert_array_equal(batch['negative_ids'][k], layout.encode([text])[0][0])
+    assert batch['negative_valid'].any()
+
+
+def test_a_binding_negative_is_one_more_text_its_image_must_beat():
+    from cm3jax.retrieval import clip
+    rs = np.random.RandomState(0)
+    text, image = (np.array(clip.l2_normalize(rs.randn(4, 8).astype(np.float32))) for _ in range(2))
+    scale = np.log(10.0)
+    plain, _ = clip.contrastive_loss_from_embeddings(text, image, scale)
+    none, metrics = clip.contrastive_loss_from_embeddings(text, image, scale, text[::-1], np.zeros(4, bool))
+    np.testing.assert_allclose(none, plain, rtol=1e-6)  # rows without a negative change nothing
+    assert metrics['negative_accuracy'] == 0.0
+    # each image's negative is its own image: it outscores the caption, and the loss grows
+    worse, metrics = clip.contrastive_loss_from_embeddings(text, image, scale, image, np.ones(4, bool))
+    assert worse > plain and metrics['negative_accuracy'] == 0.0
+    # a negative that is the opposite of the image is beaten, and costs almost nothing
+    easy, metrics = clip.contrastive_loss_from_embeddings(text, image, scale, -image, np.ones(4, bool))
+    assert plain < easy < plain + 0.05 and metrics['negative_accuracy'] == 1.0
+
+
+def test_binding_negatives_need_a_shapes_source():
+    config = _config(0.0)
+    config.data.binding_negatives = True
+    config.data.source = {'kind': 'digits'}
+    env = type('Env', (), {'config': config, 'model': type('M', (), {'cfg': None, 'layout': None})()})()
+    with pytest.raises(ConfigError, match='data.binding_negatives needs a Shapes source'):
+        train.train_data(env)

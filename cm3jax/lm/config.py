@@ -45,6 +45,12 @@ def validate(config, num_devices: int | None = None):
     if places and not 0 <= lo < hi <= m.vocab_size:
         raise ConfigError(f'model.image_positions={places} needs model.image_ids=(start, stop), the image-code ids '
                           f'within the vocab of {m.vocab_size}; got ({lo}, {hi})')
+    canon, taps = m.get('canon', ''), m.get('canon_taps', (1, 2, 3))  # absent in older runs
+    if not (isinstance(canon, str) and set(canon) <= set('AC') and len(set(canon)) == len(canon)):
+        raise ConfigError(f'model.canon={canon!r}: give the Canon sites, any of "A" (before attention) and "C" '
+                          f'(before the MLP), e.g. "AC"; "" = off')
+    if canon and not (taps and all(isinstance(j, int) and j >= 1 for j in taps) and len(set(taps)) == len(taps)):
+        raise ConfigError(f'model.canon_taps={taps!r} must be distinct ints >= 1 (how far back each tap reads)')
     for name, allowed in CHOICES.items():
         if m[name] not in allowed:
             raise ConfigError(f'model.{name}={m[name]!r} is unknown; choose one of {allowed}')
@@ -80,6 +86,8 @@ def transformer_config(config, mesh: Mesh, rules: parallel.Rules) -> Transformer
     fields = {f: m[f] for f in TransformerConfig.__dataclass_fields__ if f in m and f not in ('dtype', 'param_dtype')}
     if 'image_ids' in fields:  # a list after a JSON round trip; the static config must hash
         fields['image_ids'] = tuple(int(i) for i in fields['image_ids'])
+    if 'canon_taps' in fields:
+        fields['canon_taps'] = tuple(int(i) for i in fields['canon_taps'])
     return TransformerConfig(**fields,
                              padded_vocab_size=parallel.padded_vocab_size(m.vocab_size, mesh, rules, m.vocab_multiple),
                              dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype))

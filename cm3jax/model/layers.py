@@ -135,3 +135,43 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
+
+
+class Canon(nn.Module):
+    """A causal short convolution with a residual, per channel: ``y_t = x_t + sum_j w_j * x_{t-j}``
+    over the ``taps`` j (Allen-Zhu's Canon layers; Primer's depthwise convolutions are the same
+    idea). A token then sees its few predecessors without spending an attention head on them:
+    a shape word carries the colour word before it into the first MLP, which can bind the two.
+
+    The weights start at zero (the identity). A tap reaching before the token's segment (its
+    position < j) reads nothing, so packed documents never mix.
+    """
+
+    taps: tuple[int, ...]
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                 history: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+        """x: [B, T, d]; positions, segment_ids: [B, T]; history: [B, K, d] (K = max tap), the
+        inputs of the K tokens before ``x[:, 0]`` in a cached call, else None.
+
+        Returns (y [B, T, d], the new history [B, K, d]: the last K inputs of real tokens, or None
+        without a history)."""
+        k, (b, t, d) = max(self.taps), x.shape
+        w = param(self, 'taps', nn.initializers.zeros, (len(self.taps), d), (None, 'embed'), self.param_dtype)
+        # without a history the taps read a zero-padded x: one fused pass, no concatenated copy
+        full = jnp.pad(x, ((0, 0), (k, 0), (0, 0))) if history is None else \
+            jnp.concatenate([history.astype(x.dtype), x], axis=1)  # [B, K + T, d]
+        y = x
+        for i, j in enumerate(self.taps):
+            y = y + jnp.where((positions >= j)[..., None], full[:, k - j:k - j + t], 0) * w[i].astype(x.dtype)
+        if history is None:
+            return y, None
+        if t == 1:  # a decode step: its one token is real (`transformer.decode_step`)
+            return y, full[:, 1:].astype(history.dtype)
+        # the K latest real inputs, wherever the chunk's padding is (history slots count as real)
+        real = jnp.concatenate([jnp.ones((b, k), bool), segment_ids != 0], axis=1)
+        last = k + t - 1 - jnp.argmax(real[:, ::-1], axis=1)
+        idx = last[:, None] - jnp.arange(k - 1, -1, -1)[None]
+        return y, jnp.take_along_axis(full, idx[..., None], axis=1).astype(history.dtype)

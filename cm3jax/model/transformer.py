@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from cm3jax.model.attention import attention
-from cm3jax.model.layers import Mlp, Norm, dense, param, rope, trunc_normal
+from cm3jax.model.layers import Canon, Mlp, Norm, dense, param, rope, trunc_normal
 
 Cache = dict[str, Any]  # see init_cache
 
@@ -70,6 +70,11 @@ class TransformerConfig:
     # image_ids: [start, stop) of the image-code ids that get it.
     image_positions: int = 0
     image_ids: tuple[int, int] = (0, 0)
+    # Canon layers (`layers.Canon`): a causal short convolution on the residual stream before
+    # each layer's attention ('A') and/or MLP ('C'), over the previous ``canon_taps`` tokens.
+    # '' = off (CM3leon, Chameleon).
+    canon: str = ''
+    canon_taps: tuple[int, ...] = (1, 2, 3)
     remat: str = 'none'
     dtype: Any = jnp.float32  # compute dtype
     param_dtype: Any = jnp.float32
@@ -166,17 +171,29 @@ class Block(nn.Module):
         norm = lambda name: Norm(cfg.norm, cfg.norm_params, cfg.norm_eps, param_dtype=cfg.param_dtype, name=name)
         attn = Attention(cfg, name='attn')
         mlp = Mlp(cfg.mlp, cfg.mlp_dim, cfg.init_std, cfg.zero_init_out, cfg.dtype, cfg.param_dtype, name='mlp')
+        cached = layer_cache is not None
+        histories = {}
+
+        def canon(x, site):
+            if site not in cfg.canon:
+                return x
+            name = f'canon_{site.lower()}'
+            y, histories[name] = Canon(cfg.canon_taps, cfg.param_dtype, name=name)(
+                x, positions, segment_ids, layer_cache[name] if cached else None)
+            return y
+
         ctx = (segment_ids, positions, kv_segment_ids, kv_positions, layer_cache, end)
+        x = canon(x, 'A')
         if cfg.norm_placement == 'pre':
-            y, layer_cache = attn(norm('attn_norm')(x), *ctx)
-            x = x + y
+            y, kv = attn(norm('attn_norm')(x), *ctx)
+            x = canon(x + y, 'C')
             x = x + mlp(norm('mlp_norm')(x))
         else:  # swin (Chameleon-34B): normalise the branch output, not its input
-            y, layer_cache = attn(x, *ctx)
-            x = x + norm('attn_norm')(y)
+            y, kv = attn(x, *ctx)
+            x = canon(x + norm('attn_norm')(y), 'C')
             x = x + norm('mlp_norm')(mlp(x))
         x = nn.with_logical_constraint(x, ('act_batch', 'act_len', 'act_embed'))
-        return x, layer_cache
+        return x, (kv | histories if cached else None)
 
 
 class Transformer(nn.Module):
@@ -227,7 +244,7 @@ class Transformer(nn.Module):
         block = Block
         if cfg.remat != 'none':
             block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
-        new_k, new_v = [], []
+        new_layers = {name: [] for name in _layer_cache_names(cfg)}
         if cfg.scan_layers:
             stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
                             in_axes=(0,) + (nn.broadcast,) * len(ctx), length=cfg.num_layers,
@@ -235,11 +252,11 @@ class Transformer(nn.Module):
             x, _ = stack(x, None, *ctx)
         else:
             for i in range(cfg.num_layers):
-                this = None if cache is None else {'k': cache['k'][i], 'v': cache['v'][i]}
+                this = None if cache is None else {name: cache[name][i] for name in new_layers}
                 x, this = block(cfg, name=f'layers_{i}')(x, this, *ctx)
                 if this is not None:
-                    new_k.append(this['k'])
-                    new_v.append(this['v'])
+                    for name in new_layers:
+                        new_layers[name].append(this[name])
 
         x = Norm(cfg.norm, cfg.norm_params, cfg.norm_eps, param_dtype=cfg.param_dtype, name='final_norm')(x)
         if cfg.tie_embeddings:
@@ -254,8 +271,7 @@ class Transformer(nn.Module):
         logits = nn.with_logical_constraint(logits, ('act_batch', 'act_len', 'act_vocab'))
         if cache is None:
             return logits
-        new_cache = dict(k=new_k, v=new_v, segment_ids=kv_segment_ids, positions=kv_positions,
-                         end=end + tokens.shape[1])
+        new_cache = dict(new_layers, segment_ids=kv_segment_ids, positions=kv_positions, end=end + tokens.shape[1])
         if cfg.image_positions:
             new_cache['image_index'] = jax.lax.dynamic_update_slice_in_dim(cache['image_index'], places, end, axis=1)
         return logits, new_cache
@@ -279,12 +295,19 @@ def _image_carry(cache: Cache, segment_ids: jax.Array) -> jax.Array:
 # results again: three copies of the whole cache per token.)
 
 LAYER_CACHE_AXES = ('act_batch', 'act_kv_heads', None, None)  # k: [B, KV, D, S], v: [B, KV, S, D]
+CANON_CACHE_AXES = ('act_batch', None, 'act_embed')  # a Canon layer's last inputs: [B, K, d]
+
+
+def _layer_cache_names(cfg: TransformerConfig) -> tuple[str, ...]:
+    """The per-layer entries of the cache: k and v, and each Canon site's input history."""
+    return ('k', 'v') + tuple(f'canon_{site.lower()}' for site in 'AC' if site in cfg.canon)
 
 
 def cache_axes(cfg: TransformerConfig) -> dict:
     """Logical axes of `init_cache`'s pytree, leaf for leaf (for ``parallel.shard_tree``)."""
-    axes = {'k': [LAYER_CACHE_AXES] * cfg.num_layers, 'v': [LAYER_CACHE_AXES] * cfg.num_layers,
-            'segment_ids': ('act_batch', None), 'positions': ('act_batch', None), 'end': ()}
+    axes = {name: [LAYER_CACHE_AXES if name in ('k', 'v') else CANON_CACHE_AXES] * cfg.num_layers
+            for name in _layer_cache_names(cfg)}
+    axes |= {'segment_ids': ('act_batch', None), 'positions': ('act_batch', None), 'end': ()}
     return axes | ({'image_index': ('act_batch', None)} if cfg.image_positions else {})
 
 
@@ -309,6 +332,8 @@ def init_cache(cfg: TransformerConfig, batch: int, max_len: int, dtype=None) -> 
              'segment_ids': jnp.zeros((batch, max_len), jnp.int32),
              'positions': jnp.zeros((batch, max_len), jnp.int32),
              'end': jnp.zeros((), jnp.int32)}
+    for name in _layer_cache_names(cfg)[2:]:  # Canon histories
+        cache[name] = [jnp.zeros((batch, max(cfg.canon_taps), cfg.d_model), dtype) for _ in range(cfg.num_layers)]
     if cfg.image_positions:
         cache['image_index'] = jnp.full((batch, max_len), -1, jnp.int32)
     return cache

@@ -64,6 +64,10 @@ class ClipConfig:
     text_layers: int = 12
     text_heads: int = 8
     text_mlp_dim: int = 2048
+    # Canon layers in the text tower (`cm3jax.model.layers.Canon`): 'A' before each attention, 'C'
+    # before each MLP, over the previous `text_canon_taps` tokens; '' = off (CLIP, and its checkpoints)
+    text_canon: str = ''
+    text_canon_taps: tuple[int, ...] = (1, 2, 3)
     # image tower
     image_size: int = 224
     patch_size: int = 32
@@ -113,6 +117,11 @@ class ClipConfig:
         if not 0 <= self.eos_token_id < self.vocab_size:
             raise ValueError(f'ClipConfig.eos_token_id={self.eos_token_id} is outside the vocabulary '
                              f'[0, {self.vocab_size})')
+        if not (set(self.text_canon) <= set('AC') and len(set(self.text_canon)) == len(self.text_canon)):
+            raise ValueError(f'ClipConfig.text_canon={self.text_canon!r}: give any of "A" and "C", or "" for none')
+        if self.text_canon and not (self.text_canon_taps and len(set(self.text_canon_taps)) == len(self.text_canon_taps)
+                                    and all(isinstance(j, int) and j >= 1 for j in self.text_canon_taps)):
+            raise ValueError(f'ClipConfig.text_canon_taps={self.text_canon_taps!r} must be distinct ints >= 1')
         if not self.norm_eps > 0:
             raise ValueError(f'ClipConfig.norm_eps={self.norm_eps} must be positive')
         if not math.isfinite(self.logit_scale_init):
@@ -156,7 +165,7 @@ class TextTower(nn.Module):
         causal = jnp.tril(jnp.ones((t, t), bool))
         attend = causal[None, None] & mask[:, None, None, :]
         x = Encoder(cfg.text_layers, cfg.text_heads, cfg.text_mlp_dim, cfg.activation, cfg.norm_eps,
-                    cfg.dtype, cfg.scan_unroll, name='encoder')(x, attend)
+                    cfg.dtype, cfg.scan_unroll, cfg.text_canon, tuple(cfg.text_canon_taps), name='encoder')(x, attend)
         x = layer_norm(cfg.norm_eps, 'final_norm')(x)
         # transformers' two rules (module docstring): argmax(ids) for legacy eos 2, else the first eos
         if cfg.text_pooling == 'argmax':
@@ -312,19 +321,28 @@ def embed_document(text_emb: jax.Array, image_emb: jax.Array, has_text: jax.Arra
     return l2_normalize(total / jnp.maximum(has_text.astype(total.dtype) + has_image, 1.0))
 
 
-def contrastive_loss_from_embeddings(text_emb: jax.Array, image_emb: jax.Array,
-                                     logit_scale: jax.Array) -> tuple[jax.Array, dict]:
+def contrastive_loss_from_embeddings(text_emb: jax.Array, image_emb: jax.Array, logit_scale: jax.Array,
+                                     negative_emb: jax.Array | None = None,
+                                     negative_valid: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """Symmetric InfoNCE over in-batch negatives; row i of each is a positive pair.
 
     text_emb, image_emb: Float[B, P], unit norm; logit_scale: the log inverse temperature,
     clipped at log(100) as CLIP does (beyond it the temperature gets no gradient).
-    Returns (loss, metrics) with both directions' in-batch top-1 accuracy.
+    negative_emb: Float[B, P], unit norm, a hard-negative caption for each image (NegCLIP), one
+    more text its image must score below its own; negative_valid: Bool[B], the rows that have one.
+    Returns (loss, metrics) with both directions' in-batch top-1 accuracy (and, with negatives,
+    how often an image prefers its caption to its negative).
     """
     scale = jnp.exp(jnp.minimum(logit_scale, MAX_LOGIT_SCALE))
     logits = scale * jnp.einsum('tp,ip->ti', text_emb, image_emb, preferred_element_type=jnp.float32)
     labels = jnp.arange(logits.shape[0])
     t2i = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits, axis=1), labels[:, None], axis=1))
-    i2t = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits, axis=0), labels[None, :], axis=0))
+    columns = logits  # image i's candidates: column i, one text per row
+    if negative_emb is not None:
+        negative = scale * jnp.sum(negative_emb * image_emb, axis=-1, dtype=jnp.float32)
+        negative = jnp.where(negative_valid, negative, -jnp.inf)
+        columns = jnp.concatenate([logits, negative[None, :]], axis=0)
+    i2t = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(columns, axis=0), labels[None, :], axis=0))
     loss = (t2i + i2t) / 2
     metrics = {
         'loss': loss,
@@ -332,6 +350,9 @@ def contrastive_loss_from_embeddings(text_emb: jax.Array, image_emb: jax.Array,
         'image_to_text_accuracy': jnp.mean(jnp.argmax(logits, axis=0) == labels),
         'logit_scale': scale,
     }
+    if negative_emb is not None:
+        wins = (jnp.diagonal(logits) > negative) & negative_valid
+        metrics['negative_accuracy'] = jnp.sum(wins) / jnp.maximum(jnp.sum(negative_valid), 1)
     return loss, metrics
 
 
@@ -339,12 +360,16 @@ def contrastive_loss(params, cfg: ClipConfig, batch: dict) -> tuple[jax.Array, d
     """CLIP's training loss on a batch of aligned pairs.
 
     batch: ``images`` Float[B, S, S, 3] in [0, 1] or UInt8; ``ids`` Int32[B, T]; optional
-    ``mask`` [B, T]. Differentiable in ``params``; under a mesh the in-batch negatives span the
-    global batch. Returns (loss, metrics).
+    ``mask`` [B, T]; optional hard-negative captions ``negative_ids``, ``negative_mask`` [B, T]
+    and ``negative_valid`` Bool[B] (`contrastive_loss_from_embeddings`). Differentiable in
+    ``params``; under a mesh the in-batch negatives span the global batch. Returns (loss, metrics).
     """
     text = embed_text(params, cfg, batch['ids'], batch.get('mask'))
     image = embed_image(params, cfg, batch['images'])
-    return contrastive_loss_from_embeddings(text, image, params['logit_scale'])
+    negative = None
+    if 'negative_ids' in batch:
+        negative = embed_text(params, cfg, batch['negative_ids'], batch['negative_mask'])
+    return contrastive_loss_from_embeddings(text, image, params['logit_scale'], negative, batch.get('negative_valid'))
 
 
 def clip_score(params, cfg: ClipConfig, images: jax.Array, ids: jax.Array,

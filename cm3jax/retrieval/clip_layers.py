@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from cm3jax.model.attention import xla_attention
-from cm3jax.model.layers import Norm, param
+from cm3jax.model.layers import Canon, Norm, param
 
 ACTIVATIONS = ('quick_gelu', 'gelu')
 
@@ -97,17 +97,29 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """One pre-LN layer; returns ``(x, None)`` so that it can be the body of ``nn.scan``."""
+    """One pre-LN layer; returns ``(x, None)`` so that it can be the body of ``nn.scan``.
+    ``canon``: Canon layers (`cm3jax.model.layers.Canon`) on the residual stream before the
+    attention ('A') and/or the MLP ('C'), for a causal tower (the text's); '' = none, as in CLIP."""
 
     heads: int
     mlp_dim: int
     act: str
     eps: float
     dtype: Any = jnp.float32
+    canon: str = ''
+    canon_taps: tuple[int, ...] = (1, 2, 3)
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array):
+        def canon(x, site):
+            if site not in self.canon:
+                return x
+            positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+            return Canon(self.canon_taps, name=f'canon_{site.lower()}')(x, positions, jnp.ones(x.shape[:2], jnp.int32))[0]
+
+        x = canon(x, 'A')
         x = x + SelfAttention(self.heads, self.dtype, name='attn')(layer_norm(self.eps, 'attn_norm')(x), mask)
+        x = canon(x, 'C')
         x = x + Mlp(self.mlp_dim, self.act, self.dtype, name='mlp')(layer_norm(self.eps, 'mlp_norm')(x))
         return nn.with_logical_constraint(x, ('act_batch', 'act_len', 'act_embed')), None
 
@@ -123,6 +135,8 @@ class Encoder(nn.Module):
     eps: float
     dtype: Any = jnp.float32
     scan_unroll: int = 1  # layers per loop iteration: unrolling a shallow stack spares XLA:CPU the loop's residual copies
+    canon: str = ''  # Block's Canon sites (a causal tower only)
+    canon_taps: tuple[int, ...] = (1, 2, 3)
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -130,5 +144,6 @@ class Encoder(nn.Module):
         stack = nn.scan(Block, variable_axes={'params': 0}, split_rngs={'params': True},
                         in_axes=(nn.broadcast,), length=self.layers, unroll=min(self.scan_unroll, self.layers),
                         metadata_params={nn.PARTITION_NAME: 'layers'})
-        x, _ = stack(self.heads, self.mlp_dim, self.act, self.eps, self.dtype, name='layers')(x, mask)
+        x, _ = stack(self.heads, self.mlp_dim, self.act, self.eps, self.dtype, self.canon, self.canon_taps,
+                     name='layers')(x, mask)
         return x

@@ -71,15 +71,21 @@ def twin_rng(seed: int, doc) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(str(doc.id).encode())])
 
 
-def pair_collate(layout: load.TextLayout, twins: int = 0, world: shapes.ShapesConfig | None = None, seed: int = 0):
+def pair_collate(layout: load.TextLayout, twins: int = 0, world: shapes.ShapesConfig | None = None, seed: int = 0,
+                 negatives: bool = False):
     """Examples -> {'images': UInt8[b, S, S, 3], 'ids': Int32[b, T], 'mask': Bool[b, T]}; captions
     longer than the text tower's context are truncated, with one warning. With ``twins`` > 0
     (Shapes documents, their ``world``), the first ``twins`` examples' hard negatives
-    (`cm3jax.data.worlds.twins`) are appended as pairs of their own: b = examples + twins."""
+    (`cm3jax.data.worlds.twins`) are appended as pairs of their own: b = examples + twins. With
+    ``negatives`` (Shapes documents), each drawn example's binding negative
+    (`twins.binding_negative`: its caption with two objects' shapes swapped) comes as
+    'negative_ids', 'negative_mask' [b, T] and 'negative_valid' Bool[b] (False where there is none,
+    and on twins)."""
     warned = []
 
     def collate(examples: Sequence[dict]) -> dict[str, np.ndarray]:
         examples = list(examples)
+        drawn = len(examples)
         for e in examples[:twins]:
             image, text = twins_lib.twin_example(e['doc'], twin_rng(seed, e['doc']), world)
             examples.append({'images': image, 'captions': text})
@@ -88,7 +94,14 @@ def pair_collate(layout: load.TextLayout, twins: int = 0, world: shapes.ShapesCo
             warned.append(True)
             log.warning('captions longer than model.max_len=%d tokens are truncated (%d of %d in this batch)',
                         layout.max_len, truncated, len(examples))
-        return {'images': np.stack([e['images'] for e in examples]), 'ids': ids, 'mask': mask}
+        batch = {'images': np.stack([e['images'] for e in examples]), 'ids': ids, 'mask': mask}
+        if negatives:
+            texts = [twins_lib.binding_negative(shapes.Scene.from_dict(e['doc'].meta['scene']), e['captions'],
+                                                twin_rng(seed + 1, e['doc']), world) for e in examples[:drawn]]
+            texts += [None] * (len(examples) - drawn)
+            batch['negative_ids'], batch['negative_mask'], _ = layout.encode([t or '' for t in texts])
+            batch['negative_valid'] = np.array([t is not None for t in texts])
+        return batch
     return collate
 
 
@@ -297,9 +310,13 @@ def train_data(env: Env) -> batches_lib.SourceBatches:
     source = make_source({**config.data.source.to_dict(), 'shard': (jax.process_index(), jax.process_count())})
     rows = config.train.batch // jax.process_count()
     twins = twin_rows(config, source, rows)
+    negatives = bool(config.data.get('binding_negatives', False))
+    if negatives and getattr(source, 'kind', '') != 'shapes':
+        raise ConfigError(f'data.binding_negatives needs a Shapes source (the swaps are made from its scene graphs), '
+                          f'not {source.describe()}; set data.binding_negatives=False')
     return batches_lib.SourceBatches(source, rows - twins, pair_example(env.model.cfg.image_size, 'data.source'),
                                      collate=pair_collate(env.model.layout, twins, getattr(source, 'cfg', None),
-                                                          config.seed),
+                                                          config.seed, negatives),
                                      shuffle_buffer=config.data.shuffle_buffer, seed=config.seed)
 
 

@@ -20,7 +20,7 @@ from cm3jax.errors import ConfigError
 
 SCHEDULES = ('constant', 'linear', 'cosine', 'exponential')
 OPTIMIZERS = ('adamw', 'muon')
-NO_DECAY_NAMES = ('bias', 'scale')  # norm gains and biases: vectors even when stacked per layer
+NO_DECAY_NAMES = ('bias', 'scale', 'taps')  # norm gains, biases, Canon taps: vectors even when stacked per layer
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,7 @@ held-out pair that its original lacks), and neither caption describes the other 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 
@@ -77,3 +78,32 @@ def twin_example(doc, rng: np.random.Generator, cfg: ShapesConfig) -> tuple[np.n
     """A Shapes document's twin as (image uint8 [S, S, 3], caption)."""
     other, text = twin(Scene.from_dict(doc.meta['scene']), doc.texts[0], rng, cfg)
     return shapes.render(other), text
+
+
+def swap_shapes(caption: str, a: str, b: str) -> str:
+    """``caption`` with the shape words ``a`` and ``b`` exchanged ('a red circle and a blue square'
+    -> 'a red square and a blue circle')."""
+    return re.sub(rf'\b({re.escape(a)}|{re.escape(b)})\b', lambda m: b if m.group(1) == a else a, caption)
+
+
+def binding_negative(scene: Scene, text: str, rng: np.random.Generator, cfg: ShapesConfig) -> str | None:
+    """A caption that names the same colours and shapes as ``text`` but binds them the other way:
+    the shape words of two objects whose colours and shapes both differ, exchanged (NegCLIP's
+    swapped-word negatives, made from the scene graph). Only shapes no third object has are
+    swapped, so the words name just those two; None when the scene has no such two objects, or
+    when every swap would name a held-out pair (one training never shows) or a pair another
+    object has."""
+    objs = scene.objects
+    once = {o.shape for o in objs if sum(p.shape == o.shape for p in objs) == 1}
+    pairs = []
+    for i in range(len(objs)):
+        for j in range(i + 1, len(objs)):
+            a, b = objs[i], objs[j]
+            made = {(b.shape, a.colour), (a.shape, b.colour)}
+            if a.shape in once and b.shape in once and a.colour != b.colour \
+                    and not made & (set(cfg.held_out) | {o.pair for o in objs}):
+                pairs.append((i, j))
+    if not pairs:
+        return None
+    i, j = pairs[rng.integers(len(pairs))]
+    return swap_shapes(text, objs[i].shape, objs[j].shape)
