@@ -33,6 +33,11 @@ from cm3jax.data.worlds import shapes
 from cm3jax.eval.stats import rate
 
 STAGES = ('bpe', 'tokenizer', 'prepare', 'retriever', 'index', 'lm', 'text_to_image', 'captions', 'judge')
+# The config fields each stage reads beyond those of the stages before it; a stage's settings are
+# its own and all of its predecessors', since every stage consumes what the earlier ones wrote.
+READS = {'bpe': ('seed', 'world', 'data.bpe_vocab'), 'tokenizer': ('vq', 'mesh', 'sample.prompts'),
+         'prepare': ('data',), 'retriever': ('retriever',), 'index': ('index',), 'lm': ('lm',),
+         'text_to_image': ('sample',), 'captions': (), 'judge': ()}
 
 
 def world(config, **fields) -> shapes.ShapesConfig:
@@ -45,12 +50,51 @@ def source(config, split: str, count: int | None = None, **fields) -> dict:
     return spec if count is None else {**spec, 'count': count}
 
 
-class Stages:
-    """Which stages are done, with their results and seconds, in ``out/stages.json``."""
+def settings(config, name: str) -> dict:
+    """The config fields stage ``name`` depends on (``READS`` of it and every stage before it),
+    flattened to dotted keys."""
+    flat = {}
 
-    def __init__(self, out: pathlib.Path):
+    def walk(key, value):
+        if hasattr(value, 'items'):
+            for k, v in value.items():
+                walk(f'{key}.{k}', v)
+        else:
+            flat[key] = list(value) if isinstance(value, tuple) else value
+
+    tree = json.loads(config.to_json_best_effort())
+    for stage in STAGES[:STAGES.index(name) + 1]:
+        for key in READS[stage]:
+            value = tree
+            for part in key.split('.'):
+                value = value.get(part) if isinstance(value, dict) else None
+            walk(key, value)
+    return flat
+
+
+class Stages:
+    """Which stages are done, with their results, seconds and settings, in ``out/stages.json``."""
+
+    def __init__(self, out: pathlib.Path, config=None):
+        self.out, self.config = out, config
         self.path = out / 'stages.json'
         self.done = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def check(self) -> None:
+        """Refuses a config that changes what a finished stage read: its outputs, and everything
+        made from them, would silently belong to other settings."""
+        from cm3jax.errors import ConfigError
+        for name in STAGES:
+            then = self.done.get(name, {}).get('settings')
+            if then is None:  # not done, or recorded before settings were
+                continue
+            now = settings(self.config, name)
+            changed = sorted(k for k in then.keys() | now.keys() if then.get(k, '<unset>') != now.get(k, '<unset>'))
+            if changed:
+                shown = '; '.join(f'{k}: {then.get(k, "<unset>")!r} there, {now.get(k, "<unset>")!r} now'
+                                  for k in changed[:4]) + ('; ...' if len(changed) > 4 else '')
+                raise ConfigError(f'{self.out} holds the stage {name!r} done with other settings ({shown}); run '
+                                  f'into a new directory (--config.out=...) or remove {self.out} to start over')
 
     def run(self, name: str, fn) -> dict:
         number = f'[{STAGES.index(name) + 1}/{len(STAGES)}]'
@@ -62,6 +106,8 @@ class Stages:
         result = fn()
         seconds = time.perf_counter() - begin
         self.done[name] = {'seconds': seconds, 'result': result}
+        if self.config is not None:
+            self.done[name]['settings'] = settings(self.config, name)
         self.path.write_text(json.dumps(self.done, indent=1))
         tqdm.write(f'{number} {name}: {seconds:.0f} s')
         return result
@@ -281,6 +327,8 @@ def text_to_image(config, out: pathlib.Path) -> dict:
         arrays[f'{name}/captions'] = np.asarray(captions)
     arrays['main/scores'] = clip_scores(retrieval_load.load_retriever(out / 'retriever'), arrays['main/images'],
                                         arrays['main/captions'])
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        arrays['main/lm_scores'] = lm_scores(gen, arrays['main/images'], arrays['main/captions'])
     np.savez_compressed(out / 'text_to_image.npz', **arrays)
     return {'file': str(out / 'text_to_image.npz')}
 
@@ -290,6 +338,15 @@ def clip_scores(retriever, images: np.ndarray, captions) -> np.ndarray:
     re-ranking of `cm3jax sample --retriever`)."""
     flat = retriever.score(images.reshape(-1, *images.shape[2:]), list(np.repeat(captions, images.shape[1])))
     return np.asarray(flat).reshape(images.shape[:2])
+
+
+def lm_scores(gen, images: np.ndarray, captions) -> np.ndarray:
+    """uint8 [P, N, R, R, 3] and P captions -> Float[P, N]: minus the nats the LM spends writing
+    each caption after its image (`generate.caption_nll`). The LM binds colours to shapes where
+    the tiny CLIP does not, so it re-ranks its own samples better (docs/quickstart.md)."""
+    from cm3jax.sample import generate
+    flat = generate.caption_nll(gen, images.reshape(-1, *images.shape[2:]), list(np.repeat(captions, images.shape[1])))
+    return -flat.reshape(images.shape[:2])
 
 
 def captions(config, out: pathlib.Path) -> dict:
@@ -337,6 +394,9 @@ def judge(config, out: pathlib.Path, done: dict) -> dict:
             'exact': rate(main[:, 0]),
             'exact_reranked': rate(main[np.arange(len(main)), best]),
             'exact_any_of_num': rate(main.max(1)),
+            # the best of the same samples by the LM's own caption likelihood (absent in older runs)
+            **({'exact_reranked_lm': rate(main[np.arange(len(main)), arrays['main/lm_scores'].argmax(1)])}
+               if 'main/lm_scores' in arrays else {}),
             'attr': attr['main'],
             'by_objects': {k.split('_')[1]: rate(t2i[k]['exact'][:, 0]) for k in t2i if k.startswith('objects_')},
             'held_out_pairs': rate(t2i['held_out_pairs']['exact'][:, 0]),
@@ -367,10 +427,11 @@ def run(config) -> dict:
     """Run (or finish) every stage in ``config.out``; returns report.json's contents."""
     world(config)  # a bad world fails here, before any stage
     out = pathlib.Path(config.out).absolute()
+    stages = Stages(out, config)
+    stages.check()  # before config.json is overwritten: a refused run leaves the directory as it was
     out.mkdir(parents=True, exist_ok=True)
     (out / 'config.json').write_text(config.to_json_best_effort(indent=2))
     begin = time.perf_counter()
-    stages = Stages(out)
     steps = {'bpe': bpe, 'tokenizer': tokenizer, 'prepare': prepare_data, 'retriever': retriever, 'index': index,
              'lm': lm, 'text_to_image': text_to_image, 'captions': captions}
     for name, fn in steps.items():

@@ -105,6 +105,8 @@ def markdown(report: dict) -> str:
         '| measure | value |', '|---|---|',
         f'| text-to-image, exact (one sample, unseen scenes of 1-2 objects) | {_pct(t["exact"])} |',
         f'| text-to-image, exact, best of {t["num"]} by CLIP score | {_pct(t["exact_reranked"])} |',
+        *([f'| text-to-image, exact, best of {t["num"]} by the LM\'s likelihood of the caption after the image '
+           f'| {_pct(t["exact_reranked_lm"])} |'] if 'exact_reranked_lm' in t else []),
         f'| text-to-image, exact, any of {t["num"]} (the re-ranker\'s ceiling) | {_pct(t["exact_any_of_num"])} |',
         f'| text-to-image, attributes right (one sample) | {_pct(t["attr"])} |',
         *[f'| text-to-image, exact, scenes of {k} object{"s" if k != "1" else ""} | {_pct(v)} |'
@@ -134,6 +136,8 @@ def finish(out: pathlib.Path, report: dict) -> None:
     t = report['text_to_image']
     writer.write(0, {'quickstart/text_to_image_exact': t['exact']['value'],
                      'quickstart/text_to_image_exact_reranked': t['exact_reranked']['value'],
+                     **({'quickstart/text_to_image_exact_reranked_lm': t['exact_reranked_lm']['value']}
+                        if 'exact_reranked_lm' in t else {}),
                      'quickstart/image_to_text_exact': report['image_to_text']['exact']['value'],
                      'quickstart/tokenizer_roundtrip': report['tokenizer']['judge_roundtrip']['value']})
     writer.write_image(0, 'quickstart/samples', np.asarray(Image.open(out / 'samples.png').convert('RGB')))

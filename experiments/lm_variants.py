@@ -63,7 +63,8 @@ def measure(config, out: pathlib.Path, workdir: pathlib.Path, overrides: dict) -
     """Runs (or reuses) one variant and reads its report."""
     from cm3jax import quickstart
     config = config.copy_and_resolve_references()
-    apply_overrides(config, overrides, 'quickstart config')
+    from configs import quickstart as qs_configs
+    apply_overrides(config, overrides, 'quickstart config', known=qs_configs.get_config())
     config.out = str(workdir)
     if not (workdir / 'report.json').exists():
         prepare_variant(out, workdir)
@@ -101,7 +102,8 @@ def table(results: dict) -> str:
             f'sample and the best of 8 by CLIP score for each of 256 unseen captions of 1-2 objects, greedy '
             f'captions of 256 unseen images; ± is the standard error. The binding probe scores 256 unseen '
             f'two-object scenes after their caption and after the same caption with the two shapes swapped '
-            f'(0.5: colours and shapes read as a bag of words).')
+            f'(0.5: colours and shapes read as a bag of words). LM seconds are the wall time of the LM stage: '
+            f'only comparable between runs that had the machine to themselves and ran in one go.')
     return head + '\n\n' + '\n'.join(rows)
 
 

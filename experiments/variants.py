@@ -42,22 +42,31 @@ def parse_variants(text: str) -> dict[str, dict]:
     return variants
 
 
-def apply_overrides(config, overrides: dict, what: str = 'config') -> None:
-    """Sets each dotted KEY of `config` (a ConfigDict), refusing a key the config does not have;
-    ``what`` names the config in the error."""
+def apply_overrides(config, overrides: dict, what: str = 'config', known=None) -> None:
+    """Sets each dotted KEY of `config` (a ConfigDict), refusing a key the config does not have.
+    ``known`` (a ConfigDict: the current preset) admits a key that a run's older config lacks
+    because the field is newer than the run (its code reads it as off); ``what`` names the config
+    in the error."""
     for key, value in overrides.items():
+        if not _has(config, key) and not (known is not None and _has(known, key)):
+            raise SystemExit(f'{what} has no field {key!r}')
         *path, last = key.split('.')
         node = config
         for part in path:
-            if part not in node:
-                raise SystemExit(f'{what} has no field {key!r}')
             node = node[part]
-        if last not in node:
-            raise SystemExit(f'{what} has no field {key!r}')
         try:
             node[last] = value  # ConfigDict refuses a value of another type (an int for a float is widened)
         except TypeError as e:
             raise SystemExit(f'{what} field {key!r}: {e}') from None
+
+
+def _has(config, key: str) -> bool:
+    node = config
+    for part in key.split('.'):
+        if not hasattr(node, 'keys') or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def finish(results: dict, results_dir: pathlib.Path, name: str, table, plot) -> dict:

@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pytest
+from ml_collections import ConfigDict
 from PIL import Image
 
 
@@ -217,6 +218,13 @@ def test_the_lm_variants_experiment_checks_arguments_and_tables_every_variant(va
     assert config.lm.model.canon_taps == (1, 2, 3, 8) and config.lm.optim.learning_rate == 6e-3
     with pytest.raises(SystemExit, match="quickstart config has no field 'lm.model.canons'"):
         variants.apply_overrides(config, {'lm.model.canons': 'A'}, 'quickstart config')
+    older = ConfigDict({'lm': {'model': {'d_model': 128}}})  # a run's config from before Canon layers
+    with pytest.raises(SystemExit, match="has no field 'lm.model.canon'"):
+        variants.apply_overrides(older, {'lm.model.canon': 'AC'}, 'quickstart config')
+    variants.apply_overrides(older, {'lm.model.canon': 'AC'}, 'quickstart config', known=config)
+    assert older.lm.model.canon == 'AC'
+    with pytest.raises(SystemExit, match="has no field 'lm.model.canons'"):
+        variants.apply_overrides(older, {'lm.model.canons': 'AC'}, 'quickstart config', known=config)
     rate = lambda v: {'value': v, 'se': 0.01, 'n': 256}  # noqa: E731
     run = lambda v: {'overrides': {}, 'single': rate(v), 'reranked': rate(v + 0.02), 'any': rate(0.95),  # noqa: E731
                      'by_objects': {'1': rate(0.99), '2': rate(v - 0.2), '3': rate(0.1)}, 'borrowed_shape': rate(0.1),

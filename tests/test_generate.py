@@ -84,6 +84,26 @@ def test_image_nll_scores_each_image_after_either_stream(gen):
         generate.image_nll(gen, captions[:2], images)
 
 
+def test_caption_nll_is_the_teacher_forced_loss_of_caption_and_eos_after_the_image(gen):
+    images = np.random.default_rng(1).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    captions = ['a red circle', 'a blue square left of a red circle', 'a blue square']
+    got = generate.caption_nll(gen, images, captions, batch=2)  # two chunks, padded rows of other lengths
+    v = gen.vocab
+    for image, caption, nll in zip(images, captions, got):
+        codes = np.asarray(vq.encode(gen.vq_params, image[None], VQ)).reshape(-1)
+        target = np.concatenate([gen.text(caption), [v.eos]])
+        row = np.concatenate([v.image_ids(codes), [v.break_], target]).astype(np.int32)
+        logits = gen.model.apply({'params': gen.params}, jnp.asarray(row[None, :-1]), jnp.ones((1, len(row) - 1),
+                                                                                               jnp.int32))
+        logp = jax.nn.log_softmax(logits[0, :, :v.size].astype(jnp.float32))
+        want = -sum(float(logp[len(row) - 1 - len(target) + j, t]) for j, t in enumerate(target))
+        assert nll == pytest.approx(want, rel=1e-4)
+    # image_nll goes through the same teacher forcing: its mean over image tokens
+    assert generate.image_nll(gen, captions, images).shape == (3,)
+    with pytest.raises(ValueError, match='one caption per image'):
+        generate.caption_nll(gen, images, captions[:2])
+
+
 def test_read_image_says_what_to_pass(tmp_path):
     from PIL import Image
     with pytest.raises(FileNotFoundError, match=r'no such file; pass a PNG or JPEG of 8x8 RGB'):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from cm3jax import quickstart
+from cm3jax.errors import ConfigError
 from cm3jax.eval.stats import rate
 from configs import quickstart as qs_configs
 from tests.helpers import one_device_env
@@ -55,7 +56,7 @@ def test_the_quickstart_runs_every_stage_resumes_and_survives_a_kill(tmp_path, r
     assert list((out / 'tensorboard').glob('events.out.tfevents.*'))
     report = json.loads((out / 'report.json').read_text())
     t = report['text_to_image']
-    for key in ('exact', 'exact_reranked', 'held_out_pairs', 'attr'):
+    for key in ('exact', 'exact_reranked', 'exact_reranked_lm', 'held_out_pairs', 'attr'):
         assert set(t[key]) == {'value', 'se', 'n'} and 0 <= t[key]['value'] <= 1, key
     assert set(t['by_objects']) == {'1'} and t['exact']['n'] == 16 and t['num'] == 8  # the tiny world: 1 object
     assert 'two_objects_wrong' not in t  # no scene of two objects to diagnose
@@ -121,6 +122,31 @@ def test_a_bad_world_is_refused_before_any_stage(tmp_path, fields, message):
     with pytest.raises(ValueError, match=message):
         quickstart.run(config)
     assert not (tmp_path / 'qs' / 'stages.json').exists()
+
+
+def test_a_changed_setting_of_a_finished_stage_is_refused(tmp_path):
+    config = qs_configs.get_config('tiny')
+    out = tmp_path / 'qs'
+    config.out = str(out)
+    out.mkdir()
+    stages = quickstart.Stages(out, config)
+    for name in quickstart.STAGES[:6]:  # through the LM
+        stages.run(name, dict)
+    (out / 'config.json').write_text('as it was')
+
+    changed = config.copy_and_resolve_references()
+    changed.lm.optim.learning_rate = 0.01
+    with pytest.raises(ConfigError, match=r"stage 'lm' done with other settings \(lm\.optim\.learning_rate: "
+                                          r"0\.003 there, 0\.01 now\); run into a new directory"):
+        quickstart.run(changed)
+    assert (out / 'config.json').read_text() == 'as it was'  # refused before anything was written
+    world = config.copy_and_resolve_references()
+    world.world.canvas = 24
+    with pytest.raises(ConfigError, match=r"stage 'bpe' .*world\.canvas: 16 there, 24 now"):
+        quickstart.Stages(out, world).check()
+    later = config.copy_and_resolve_references()  # read only by stages not yet run
+    later.sample.cfg_scale = 3.0
+    quickstart.Stages(out, later).check()
 
 
 def test_rates_carry_their_standard_error():

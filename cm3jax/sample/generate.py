@@ -235,28 +235,54 @@ def image_nll(gen: Generator, captions: Sequence[str | None], images: np.ndarray
         raise ValueError(f'image_nll needs one caption (or None) per image; got {len(captions)} and {len(images)}')
     v = gen.vocab
     codes = np.asarray(vq.encode(gen.vq_params, images, gen.vq_cfg)).reshape(len(images), -1)
-    targets = np.asarray(v.image_ids(codes), np.int32)
+    targets = list(np.asarray(v.image_ids(codes), np.int32))
     prompts = [np.concatenate([[gen.uncond_token] if c is None else gen.text(c), [v.break_]]).astype(np.int32)
                for c in captions]
-    rows = [np.concatenate([p, t[:-1]]) for p, t in zip(prompts, targets)]
+    return sequence_nll(gen, prompts, targets, batch=batch) / codes.shape[1]
+
+
+def caption_nll(gen: Generator, images: np.ndarray, captions: Sequence[str], *, batch: int = 256) -> np.ndarray:
+    """Total NLL, in nats, of each caption (and its ``<eos>``) written after its uint8 image
+    [N, R, R, C] in the image-to-text order ``[image] <break> caption <eos>`` -> Float64[N]: the
+    model's own judgement of how well an image fits a caption (re-ranking by it needs no CLIP)."""
+    if len(captions) != len(images):
+        raise ValueError(f'caption_nll needs one caption per image; got {len(captions)} and {len(images)}')
+    v = gen.vocab
+    codes = np.asarray(vq.encode(gen.vq_params, images, gen.vq_cfg)).reshape(len(images), -1)
+    prompts = [np.concatenate([row, [v.break_]]).astype(np.int32) for row in np.asarray(v.image_ids(codes), np.int32)]
+    targets = [np.concatenate([gen.text(c), [v.eos]]).astype(np.int32) for c in captions]
+    return sequence_nll(gen, prompts, targets, batch=batch)
+
+
+def sequence_nll(gen: Generator, prompts: Sequence[np.ndarray], targets: Sequence[np.ndarray], *,
+                 batch: int = 256) -> np.ndarray:
+    """Total NLL, in nats, of each ``targets[i]`` (Int32[n_i]) after ``prompts[i]`` (Int32[m_i])
+    -> Float64[N], by teacher forcing in left-padded chunks of ``batch`` rows."""
+    v = gen.vocab
+    rows = [np.concatenate([p, t[:-1]]).astype(np.int32) for p, t in zip(prompts, targets)]
     dec.check_lengths(gen.model.cfg, max(map(len, rows)), 1)
-    n_img = targets.shape[1]
+    n = max(map(len, targets))
+    want = np.zeros((len(targets), n), np.int32)  # right-aligned: the rows are left-padded
+    mask = np.zeros((len(targets), n), np.float32)
+    for i, t in enumerate(targets):
+        want[i, n - len(t):], mask[i, n - len(t):] = t, 1.0
 
     @jax.jit
-    def nll(params, tokens, segs, want):
-        logits = gen.model.apply({'params': params}, tokens, segs)[:, -n_img:, :v.size].astype(jnp.float32)
+    def nll(params, tokens, segs, want, mask):
+        logits = gen.model.apply({'params': params}, tokens, segs)[:, -n:, :v.size].astype(jnp.float32)
         picked = jnp.take_along_axis(jax.nn.log_softmax(logits), want[..., None], axis=-1)[..., 0]
-        return -picked.mean(axis=1)
+        return -(picked * mask).sum(axis=1)
 
     out, split = [], batch_multiple()
     width = max(map(len, rows))  # one padded length for every chunk: one compile
     for start in range(0, len(rows), batch):
-        chunk, want = rows[start:start + batch], targets[start:start + batch]
+        chunk = rows[start:start + batch]
         extra = -len(chunk) % split  # the mesh splits the batch: pad with copies, drop them after
         tokens, segs = left_pad(chunk + chunk[-1:] * extra, v.pad, width)
-        want = np.concatenate([want, np.repeat(want[-1:], extra, 0)])
-        out.append(np.asarray(jax.device_get(nll(gen.params, jnp.asarray(tokens), jnp.asarray(segs),
-                                                 jnp.asarray(want))))[:len(chunk)])
+        w, m = (np.concatenate([a, np.repeat(a[-1:], extra, 0)])
+                for a in (want[start:start + batch], mask[start:start + batch]))
+        out.append(np.asarray(jax.device_get(nll(gen.params, jnp.asarray(tokens), jnp.asarray(segs), jnp.asarray(w),
+                                                 jnp.asarray(m))))[:len(chunk)])
     return np.concatenate(out).astype(np.float64)
 
 
