@@ -342,8 +342,9 @@ def clip_scores(retriever, images: np.ndarray, captions) -> np.ndarray:
 
 def lm_scores(gen, images: np.ndarray, captions) -> np.ndarray:
     """uint8 [P, N, R, R, 3] and P captions -> Float[P, N]: minus the nats the LM spends writing
-    each caption after its image (`generate.caption_nll`). The LM binds colours to shapes where
-    the tiny CLIP does not, so it re-ranks its own samples better (docs/quickstart.md)."""
+    each caption after its image (`generate.caption_nll`): a re-ranker beside CLIP that reads the
+    samples with the model that binds colours to shapes (about as good as the tiny CLIP so far;
+    docs/quickstart.md, "Binding")."""
     from cm3jax.sample import generate
     flat = generate.caption_nll(gen, images.reshape(-1, *images.shape[2:]), list(np.repeat(captions, images.shape[1])))
     return -flat.reshape(images.shape[:2])

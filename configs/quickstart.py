@@ -4,8 +4,8 @@ captions and captions written for pictures, on the Shapes world, judged exactly.
 ``get_config(arg)`` presets and their launch commands:
 
   default  what `make demo` runs: 32x32 scenes of 1-3 objects, two (shape, colour) pairs held
-           out of training; 12-28 minutes on a 2-core CPU, by the machine (docs/quickstart.md,
-           "What was measured").
+           out of training; 30 minutes on a slow 2-core CPU (2026-12-07), about 12 estimated on
+           the fastest seen (docs/quickstart.md, "What was measured").
            cm3jax quickstart --config=configs/quickstart.py
   tiny     the same stages at toy size (a minute or two), for tests and a first look.
            cm3jax quickstart --config=configs/quickstart.py:tiny --config.out=/tmp/qs
@@ -59,7 +59,7 @@ def get_config(arg: str = 'default') -> ConfigDict:
     if not tiny:  # RoPE and a 0.02 init, not CM3leon's learned positions at std 2e-4 (docs/quickstart.md, "Why")
         config.lm.model.update(position='rope', init_std=0.02)
         # Canon layers before attention and MLP: with Muon at 6e-3 they are what makes the LM bind each
-        # colour to its shape (binding probe 0.56 -> 0.95; text-to-image 0.691 -> 0.836, two objects
+        # colour to its shape (binding probe 0.555 -> 0.973; text-to-image 0.691 -> 0.836, two objects
         # 0.355 -> 0.660 on the same stages; docs/quickstart.md, "Binding")
         config.lm.model.canon = 'AC'
     # Batch 32 for 1400 steps beats 64 for 700 at the same tokens, and more steps keep paying (AdamW:
