@@ -13,6 +13,7 @@ parameters without importing the trainer. Foreign weight files (safetensors, tor
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 from typing import Any, Callable
 
@@ -121,9 +122,24 @@ def checkpoint_dir(directory: str | pathlib.Path) -> pathlib.Path:
     return directory
 
 
+class _ReadOnlyNotices(logging.Filter):
+    """Drops orbax's warnings that a manager opened read-only is read-only (three per opening):
+    every load here opens its run that way on purpose, and a quickstart printed 41 of them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith('CheckpointManagerOptions.read_only=True')
+                    or message.startswith('Given directory is read only'))
+
+
+_READ_ONLY_NOTICES = _ReadOnlyNotices()
+
+
 def manager(directory: str | pathlib.Path, **options) -> ocp.CheckpointManager:
     """The orbax manager of a run's checkpoints: items 'state' (the train state) and 'data'
     (the data iterators' positions), with metadata readable (`item_metadata`)."""
+    if options.get('read_only'):
+        logging.getLogger('absl').addFilter(_READ_ONLY_NOTICES)  # orbax logs through absl; added once
     return ocp.CheckpointManager(directory, item_names=('state', 'data'),
                                  item_handlers={'state': ocp.StandardCheckpointHandler(),
                                                 'data': ocp.JsonCheckpointHandler()},

@@ -1,5 +1,7 @@
 """Checkpoints: restore onto other meshes, refuse misfits, save on a clock, load params to fine-tune."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -131,3 +133,15 @@ def test_init_from_loads_params_only_with_a_fresh_optimizer(tmp_path):
     assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(mu))
     with pytest.raises(FileNotFoundError, match='holds no checkpoints'):
         params_lib.restore(tmp_path / 'nowhere', target['params'])
+
+
+def test_loading_a_run_does_not_warn_that_a_read_only_manager_is_read_only(tmp_path, caplog):
+    state, _ = _state(parallel.create_mesh((1, 8, 1)))
+    ckpt = checkpoint.Checkpointer(tmp_path / 'checkpoints')
+    ckpt.save(3, state)
+    ckpt.close()
+    with caplog.at_level(logging.WARNING):
+        assert params_lib.latest_step(tmp_path) == 3
+        logging.getLogger('absl').warning('a warning of its own still shows')
+    assert 'read only' not in caplog.text and 'read_only' not in caplog.text, caplog.text
+    assert 'a warning of its own still shows' in caplog.text
