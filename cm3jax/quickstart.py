@@ -10,7 +10,7 @@ overrides), in ``config.out``:
   4. retriever      the CLIP retriever on the world's pairs          (`cm3jax train`, configs/clip.py)
   5. index          memory bank and neighbour lists                  (`cm3jax build-index`)
   6. lm             the LM: CM3, retrieval augmentation, caption dropout (`cm3jax train`, configs/lm.py)
-  7. text_to_image  CFG with CD-K / top-p mixed sampling, re-ranked by CLIP score (`cm3jax sample`)
+  7. text_to_image  CFG with top-p sampling (sample.mode), scored by CLIP and by the LM (`cm3jax sample`)
   8. captions       captions for held-out images                     (`cm3jax sample --image`)
   9. judge          the Shapes judge on every output; report.md/.json, samples.png, captions.md
 
