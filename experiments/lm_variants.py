@@ -21,11 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import shlex
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from variants import apply_overrides, finish, parse_variants  # noqa: E402
+from variants import apply_overrides, finish, parse_variants, start  # noqa: E402
 
 LINKED = ('bpe', 'vq', 'data', 'eval', 'retriever')  # the stages' directories the variants share
 SHARED = ('bpe', 'tokenizer', 'prepare', 'retriever', 'index')  # and their records in stages.json
@@ -145,10 +144,8 @@ def main(argv=None) -> dict:
     from ml_collections import ConfigDict
     config = ConfigDict(json.loads((out / 'config.json').read_text()))
     workdir = pathlib.Path(args.workdir or out / 'lm_variants').absolute()
-    results_dir = pathlib.Path(args.results)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    given = sys.argv[1:] if argv is None else argv
-    results = {'command': shlex.join(['python', 'experiments/lm_variants.py', *given]), 'out': args.out, 'runs': {}}
+    results_dir, command = start(args, 'experiments/lm_variants.py', argv)
+    results = {'command': command, 'out': args.out, 'runs': {}}
     for name, overrides in args.variants.items():
         r = results['runs'][name] = measure(config, out, workdir / name, overrides)
         print(f'{_describe(name, overrides)}: text-to-image {r["single"]["value"]:.3f}, captions '

@@ -24,14 +24,13 @@ import argparse
 import itertools
 import json
 import pathlib
-import shlex
 import sys
 import time
 
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from variants import apply_overrides, finish, parse_variants  # noqa: E402
+from variants import apply_overrides, finish, parse_variants, start  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -192,10 +191,8 @@ def main(argv=None) -> dict:
     verdict = quickstart.judge_drawn(arrays['main/images'], arrays['main/captions'], quickstart.world(config))
     judged = verdict['exact']
     wrong = judged == 0
-    results_dir = pathlib.Path(args.results)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    given = sys.argv[1:] if argv is None else argv
-    results = {'command': shlex.join(['python', 'experiments/rerank_twins.py', *given]), 'out': args.out,
+    results_dir, command = start(args, 'experiments/rerank_twins.py', argv)
+    results = {'command': command, 'out': args.out,
                'prompts': int(judged.shape[0]), 'num': int(judged.shape[1]),
                'single': rate(judged[:, 0]), 'any': rate(judged.max(1)),
                # what is wrong with the wrong samples, as fractions of them

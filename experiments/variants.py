@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 import json
 import pathlib
+import shlex
+import sys
 
 
 def _split(text: str, sep: str) -> list[str]:
@@ -67,6 +69,15 @@ def _has(config, key: str) -> bool:
             return False
         node = node[part]
     return True
+
+
+def start(args, script: str, argv=None) -> tuple[pathlib.Path, str]:
+    """The results directory (``args.results``, made) and the command line that reproduces this
+    run of ``script`` (experiments/NAME.py) with ``argv`` (default: the process's arguments)."""
+    results_dir = pathlib.Path(args.results)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    given = sys.argv[1:] if argv is None else argv
+    return results_dir, shlex.join(['python', script, *given])
 
 
 def finish(results: dict, results_dir: pathlib.Path, name: str, table, plot) -> dict:

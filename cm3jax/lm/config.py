@@ -12,6 +12,7 @@ from jax.sharding import Mesh
 from cm3jax import parallel
 from cm3jax.errors import ConfigError
 from cm3jax.model.attention import IMPLEMENTATIONS
+from cm3jax.model.layers import canon_problem
 from cm3jax.model.transformer import REMAT_POLICIES, TransformerConfig
 
 CHOICES = {
@@ -45,12 +46,9 @@ def validate(config, num_devices: int | None = None):
     if places and not 0 <= lo < hi <= m.vocab_size:
         raise ConfigError(f'model.image_positions={places} needs model.image_ids=(start, stop), the image-code ids '
                           f'within the vocab of {m.vocab_size}; got ({lo}, {hi})')
-    canon, taps = m.get('canon', ''), m.get('canon_taps', (1, 2, 3))  # absent in older runs
-    if not (isinstance(canon, str) and set(canon) <= set('AC') and len(set(canon)) == len(canon)):
-        raise ConfigError(f'model.canon={canon!r}: give the Canon sites, any of "A" (before attention) and "C" '
-                          f'(before the MLP), e.g. "AC"; "" = off')
-    if canon and not (taps and all(isinstance(j, int) and j >= 1 for j in taps) and len(set(taps)) == len(taps)):
-        raise ConfigError(f'model.canon_taps={taps!r} must be distinct ints >= 1 (how far back each tap reads)')
+    problem = canon_problem(m.get('canon', ''), m.get('canon_taps', (1, 2, 3)), 'model.canon')  # absent in older runs
+    if problem:
+        raise ConfigError(problem)
     for name, allowed in CHOICES.items():
         if m[name] not in allowed:
             raise ConfigError(f'model.{name}={m[name]!r} is unknown; choose one of {allowed}')

@@ -137,6 +137,18 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return out.astype(x.dtype)
 
 
+def canon_problem(sites: str, taps, field: str) -> str | None:
+    """What is wrong with a Canon setting named ``field`` (``sites``: any of 'A' and 'C', each
+    once, '' = off; ``taps``: distinct ints >= 1, read only when on), or None: one check for every
+    model that has Canon layers."""
+    if not (isinstance(sites, str) and set(sites) <= set('AC') and len(set(sites)) == len(sites)):
+        return (f'{field}={sites!r}: give the Canon sites, any of "A" (before attention) and "C" (before the MLP), '
+                f'e.g. "AC"; "" = off')
+    if sites and not (taps and all(isinstance(j, int) and j >= 1 for j in taps) and len(set(taps)) == len(taps)):
+        return f'{field}_taps={taps!r} must be distinct ints >= 1 (how far back each tap reads)'
+    return None
+
+
 class Canon(nn.Module):
     """A causal short convolution with a residual, per channel: ``y_t = x_t + sum_j w_j * x_{t-j}``
     over the ``taps`` j (Allen-Zhu's Canon layers; Primer's depthwise convolutions are the same

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from cm3jax.model.layers import param
+from cm3jax.model.layers import canon_problem, param
 from cm3jax.retrieval.clip_layers import ACTIVATIONS, Encoder, layer_norm, normal
 
 # OpenAI CLIP's preprocessing statistics (RGB); every released CLIP was trained with these.
@@ -117,11 +117,9 @@ class ClipConfig:
         if not 0 <= self.eos_token_id < self.vocab_size:
             raise ValueError(f'ClipConfig.eos_token_id={self.eos_token_id} is outside the vocabulary '
                              f'[0, {self.vocab_size})')
-        if not (set(self.text_canon) <= set('AC') and len(set(self.text_canon)) == len(self.text_canon)):
-            raise ValueError(f'ClipConfig.text_canon={self.text_canon!r}: give any of "A" and "C", or "" for none')
-        if self.text_canon and not (self.text_canon_taps and len(set(self.text_canon_taps)) == len(self.text_canon_taps)
-                                    and all(isinstance(j, int) and j >= 1 for j in self.text_canon_taps)):
-            raise ValueError(f'ClipConfig.text_canon_taps={self.text_canon_taps!r} must be distinct ints >= 1')
+        problem = canon_problem(self.text_canon, self.text_canon_taps, 'ClipConfig.text_canon')
+        if problem:
+            raise ValueError(problem)
         if not self.norm_eps > 0:
             raise ValueError(f'ClipConfig.norm_eps={self.norm_eps} must be positive')
         if not math.isfinite(self.logit_scale_init):
