@@ -43,16 +43,17 @@ sys.path.insert(0, REPO)  # for `configs`
 
 import pytest  # noqa: E402
 
-# The longest tests go first, so that under `pytest -n 2` one worker starts them while the other
-# works through the rest, instead of one of them starting last. (`make test` runs xdist with
-# --dist loadgroup: a module whose tests share an expensive module fixture marks itself
-# `pytest.mark.xdist_group`, so the fixture is built on one worker, once. Tests moved here must
-# not share a module fixture: xdist built such a fixture once per test after the move.)
-FIRST = ('test_tiny_tokenizer_reaches_30db', 'test_tiny_retriever_learns')
+# The three longest tests (5, 4 and 3 minutes on 2 cores) go first, longest first, so that under
+# `pytest -n 2` the workers start them while the rest wait, instead of one of them starting last.
+# (`make test` runs xdist with --dist loadgroup: a module whose tests share an expensive module
+# fixture marks itself `pytest.mark.xdist_group`, so the fixture is built on one worker, once.
+# Tests moved here must not share a module fixture: xdist built such a fixture once per test
+# after the move.)
+FIRST = ('test_the_quickstart_runs_every_stage', 'test_tiny_retriever_learns', 'test_tiny_tokenizer_reaches_30db')
 
 
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: not any(name in item.name for name in FIRST))
+    items.sort(key=lambda item: next((i for i, name in enumerate(FIRST) if name in item.name), len(FIRST)))
 
 
 def pytest_sessionfinish(session):
