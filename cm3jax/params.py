@@ -135,11 +135,29 @@ class _ReadOnlyNotices(logging.Filter):
 _READ_ONLY_NOTICES = _ReadOnlyNotices()
 
 
+# Orbax splits the write of each replicated array among its replicas. For a small tensor that
+# buys nothing and costs a compiled slice per device and shape: about 130 of them (12 s of a
+# 58 s two-step VQ-GAN run on 8 CPU devices) at a run's first save. Slices of a MiB or more, the
+# ones worth writing in parallel, are still split.
+MIN_REPLICA_SLICE_BYTES = 1 << 20
+_array_handler = None
+
+
+def _register_array_handler() -> None:
+    """Orbax's jax.Array handler, with `MIN_REPLICA_SLICE_BYTES`, for every save (once)."""
+    global _array_handler
+    if _array_handler is None:
+        _array_handler = ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES)
+        ocp.type_handlers.register_type_handler(jax.Array, _array_handler, override=True)
+
+
 def manager(directory: str | pathlib.Path, **options) -> ocp.CheckpointManager:
     """The orbax manager of a run's checkpoints: items 'state' (the train state) and 'data'
     (the data iterators' positions), with metadata readable (`item_metadata`)."""
     if options.get('read_only'):
         logging.getLogger('absl').addFilter(_READ_ONLY_NOTICES)  # orbax logs through absl; added once
+    else:
+        _register_array_handler()
     return ocp.CheckpointManager(directory, item_names=('state', 'data'),
                                  item_handlers={'state': ocp.StandardCheckpointHandler(),
                                                 'data': ocp.JsonCheckpointHandler()},
