@@ -9,7 +9,8 @@ override it) in ``--workdir/run`` (resumed when interrupted), then judges the mo
 after on ``--items`` held-out examples of each task (unseen scenes):
 
   vqa        answer accuracy (VQA normalisation), by question kind
-  edit       edit success: the asked change and nothing else (`cm3jax.eval.instructions`)
+  edit       edit success: the asked change and nothing else (`cm3jax.eval.instructions`), by
+             kind of edit, and its parts: the rest kept, the change made
   grounded   box accuracy: objects drawn in their box (IoU >= 0.5), and exact match
   structure  edge map + caption -> image, the judge's exact match
   write      how-to-write legibility: the string read back by template matching
@@ -109,9 +110,14 @@ def evaluate(gen, config, args, n: int, desc: str) -> tuple[dict, dict]:
         elif task == 'edit':
             out = generate.edit(gen, np.stack([d.segments[1] for d in docs]), [x['instruction'] for x in m],
                                 sample=edit_sample, rng=rng)[:, 0]
-            metrics['edit'] = [judge.edit_success(im, shapes.Scene.from_dict(x['scene']),
-                                                   shapes.Scene.from_dict(x['target']), world)
-                               for im, x in zip(out, m)]
+            scenes = [(shapes.Scene.from_dict(x['scene']), shapes.Scene.from_dict(x['target'])) for x in m]
+            verdicts = [judge.edit_verdict(im, *pair, world) for im, pair in zip(out, scenes)]
+            metrics['edit'] = [v['success'] for v in verdicts]
+            for part in ('kept', 'edited'):  # what went wrong: the copy of the rest, or the change
+                metrics[f'edit/{part}'] = [v[part] for v in verdicts if v[part] is not None]
+            kinds = [judge.edit_kind(*pair) for pair in scenes]
+            for kind in sorted(set(kinds)):
+                metrics[f'edit/{kind}'] = [v['success'] for v, k in zip(verdicts, kinds) if k == kind]
             outputs[task] = out
         elif task == 'structure':
             out = generate.structure(gen, np.stack([d.segments[1] for d in docs]), [x['caption'] for x in m],
@@ -144,10 +150,17 @@ def table(results: dict) -> str:
     return '\n'.join(lines)
 
 
-def picture(before: dict, after: dict, config, path: pathlib.Path, shown: int = 6) -> None:
-    """Per image task a row of examples: the input (edit, structure), then before and after SFT."""
+JUDGED = {'edit': 'edit', 'structure': 'structure', 'grounded': 'grounded/exact', 'write': 'write'}
+PROMPT = {'edit': 'instruction', 'structure': 'caption', 'grounded': 'caption', 'write': 'text'}
+
+
+def picture(before: dict, after: dict, right: dict, config, path: pathlib.Path, shown: int = 6) -> None:
+    """Per image task a row of examples: the input (edit, structure), then before and after SFT,
+    the after framed green where the judge counts it right (``right[task]``, per item) and red
+    where not, and the instruction, caption or string under them."""
+    import textwrap
     from PIL import Image, ImageDraw
-    scale, pad = 3, 4
+    scale, pad, line = 3, 4, 11
     tiles = []
     for task in IMAGE_TASKS:
         docs = items(config, task, shown)
@@ -155,21 +168,28 @@ def picture(before: dict, after: dict, config, path: pathlib.Path, shown: int = 
         for i, d in enumerate(docs):
             # a white tile where the task has no input image, so the columns line up
             given = d.segments[1] if task in ('edit', 'structure') else np.full_like(after[task][i], 255)
-            row.append([given, before[task][i], after[task][i]])
+            row.append(([given, before[task][i], after[task][i]], bool(right[task][i]), d.meta[PROMPT[task]]))
         tiles.append((task, row))
-    side = tiles[0][1][0][-1].shape[0] * scale
-    width = 90 + shown * (3 * side + 2 * pad + 12)
-    canvas = Image.new('RGB', (width, 20 + len(tiles) * (side + 2 * pad)), (255, 255, 255))
+    side = tiles[0][1][0][0][-1].shape[0] * scale
+    group = 3 * side + 2 * pad
+    height = side + 2 * pad + 2 * line + 6
+    canvas = Image.new('RGB', (90 + shown * (group + 12), 20 + len(tiles) * height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    draw.text((90, 4), 'each example: [input] | before SFT | after SFT', fill=(0, 0, 0))
+    draw.text((90, 4), 'each example: [input] | before SFT | after SFT (green: judged right, red: wrong)',
+              fill=(0, 0, 0))
     for r, (task, row) in enumerate(tiles):
-        y = 20 + r * (side + 2 * pad)
+        y = 20 + r * height
         draw.text((4, y + side // 2 - 6), task, fill=(0, 0, 0))
         x = 90
-        for images in row:
+        for images, ok, prompt in row:
             for k, im in enumerate(images):
-                canvas.paste(Image.fromarray(np.asarray(im)).resize((side, side), Image.NEAREST), (x, y))
-                x += side + (pad if k < len(images) - 1 else 12)
+                canvas.paste(Image.fromarray(np.asarray(im)).resize((side, side), Image.NEAREST), (x + k * (side + pad), y))
+            last = x + 2 * (side + pad)
+            draw.rectangle((last - 2, y - 2, last + side + 1, y + side + 1), outline=(0, 150, 0) if ok else (200, 0, 0),
+                           width=2)
+            for j, text in enumerate(textwrap.wrap(prompt, group // 6)[:2]):
+                draw.text((x, y + side + 4 + j * line), text, fill=(0, 0, 0))
+            x += group + 12
     canvas.save(path)
 
 
@@ -217,7 +237,8 @@ def main(argv=None) -> int:
             f'{config.optim.learning_rate:g}) in {trained / 60:.1f} min; {args.items} held-out examples per task '
             f'(± is the standard error).\n\n{table(out)}\n')
     (results / 'sft_shapes.md').write_text(text)
-    picture(outputs['before'], outputs['after'], config, results / 'sft_shapes.png')
+    picture(outputs['before'], outputs['after'], {t: judged['after'][k] for t, k in JUDGED.items()}, config,
+            results / 'sft_shapes.png')
     print(text)
     print(f'wrote {results}/sft_shapes.md, .json, .png and _run.json')
     return 0

@@ -194,6 +194,22 @@ def test_the_sft_experiment_checks_arguments_and_tables_every_metric(sft):
     assert [d.id for d in held] == [f'sft/edit/validation/1/{i}' for i in range(3)]  # not training's seed
 
 
+def test_the_sft_picture_frames_each_output_by_its_verdict(sft, tmp_path):
+    config = sft.sft_config(sft.parse_args([]))
+    blank = {task: np.zeros((2, 32, 32, 3), np.uint8) for task in sft.IMAGE_TASKS}
+    right = {task: [True, False] for task in sft.IMAGE_TASKS}
+    sft.picture(blank, blank, right, config, tmp_path / 'p.png', shown=2)
+    image = np.asarray(Image.open(tmp_path / 'p.png'))
+    side, pad, group, height = 96, 4, 3 * 96 + 2 * 4, 96 + 2 * 4 + 2 * 11 + 6
+    assert image.shape == (20 + 4 * height, 90 + 2 * (group + 12), 3)
+    for row in range(4):  # the after-SFT tile's frame: green for the first example, red for the second
+        y = 20 + row * height + side // 2
+        assert tuple(image[y, 90 + 2 * (side + pad) - 2]) == (0, 150, 0)
+        assert tuple(image[y, 90 + group + 12 + 2 * (side + pad) - 2]) == (200, 0, 0)
+    # the prompt is written under the tiles
+    assert (image[20 + side + 4:20 + side + 4 + 22, 90:90 + group] < 128).any()
+
+
 def test_the_sft_notebook_runs_the_script_with_valid_arguments(sft, repo):
     scope = notebook_arguments(repo, 'sft_shapes')
     args = sft.parse_args(scope['ARGS'])

@@ -26,6 +26,19 @@ def test_the_target_of_every_generated_edit_succeeds_and_the_unedited_scene_fail
     instruction, after = shapes.edit(before, rng, CFG)
     assert judge.edit_success(shapes.render(after), before, after, CFG), instruction
     assert not judge.edit_success(shapes.render(before), before, after, CFG), instruction
+    # the verdict's parts: the target is right in every part; the unedited scene kept the objects
+    # the edit leaves alone, and did not make the change
+    alone = any(o in before.objects for o in after.objects)  # False when the only object is edited
+    assert judge.edit_verdict(shapes.render(after), before, after, CFG) == {
+        'success': True, 'count': True, 'kept': True if alone else None, 'edited': True}
+    unedited = judge.edit_verdict(shapes.render(before), before, after, CFG)
+    assert unedited['kept'] is (True if alone else None), (instruction, unedited)
+    assert not unedited['edited'] and not unedited['success'], (instruction, unedited)
+    kind = judge.edit_kind(before, after)
+    verb = instruction.split()[0]
+    assert kind in {'add': {'add'}, 'move': {'move'}, 'remove': {'remove'}, 'delete': {'remove'}, 'turn': {'reshape'},
+                    'colour': {'recolour'}, 'change': {'recolour'},
+                    'make': {'recolour', 'reshape', 'resize'}}[verb], (instruction, kind)
 
 
 def test_an_added_object_may_stand_anywhere_but_must_be_the_one_asked_for():
@@ -52,6 +65,27 @@ def test_a_moved_object_may_go_any_distance_in_the_direction_asked():
     away = _scene(_obj('square', 'green', 'small', 16, 16), circle)
     assert judge.edit_success(shapes.render(recoloured), before, recoloured, CFG)
     assert not judge.edit_success(shapes.render(away), before, recoloured, CFG)
+
+
+def test_the_verdict_says_which_part_of_an_edit_went_wrong():
+    circle, square = _obj('circle', 'red', 'small', 24, 24), _obj('square', 'blue', 'small', 8, 8)
+    before = _scene(square, circle)
+    after = _scene(_obj('square', 'green', 'small', 8, 8), circle)  # 'make the square green'
+    assert judge.edit_kind(before, after) == 'recolour'
+    # recoloured right, but the circle moved away: the change is made, the rest not kept
+    drifted = _scene(after.objects[0], _obj('circle', 'red', 'small', 24, 16))
+    assert judge.edit_verdict(shapes.render(drifted), before, after, CFG) == {
+        'success': False, 'count': True, 'kept': False, 'edited': True}
+    # the circle kept, the square gone: one object short, nothing changed
+    assert judge.edit_verdict(shapes.render(_scene(circle)), before, after, CFG) == {
+        'success': False, 'count': False, 'kept': True, 'edited': False}
+    # a removal is made when the removed object is no longer in its place
+    removed = _scene(circle)
+    assert judge.edit_kind(before, removed) == 'remove'
+    assert judge.edit_verdict(shapes.render(removed), before, removed, CFG)['success']
+    assert not judge.edit_verdict(shapes.render(before), before, removed, CFG)['edited']
+    with pytest.raises(ValueError, match='no edit'):
+        judge.edit_kind(before, before)
 
 
 def test_boxes_and_answers():
