@@ -183,7 +183,8 @@ def picture(before: dict, after: dict, right: dict, config, path: pathlib.Path, 
         x = 90
         for images, ok, prompt in row:
             for k, im in enumerate(images):
-                canvas.paste(Image.fromarray(np.asarray(im)).resize((side, side), Image.NEAREST), (x + k * (side + pad), y))
+                tile = Image.fromarray(np.asarray(im)).resize((side, side), Image.NEAREST)
+                canvas.paste(tile, (x + k * (side + pad), y))
             last = x + 2 * (side + pad)
             draw.rectangle((last - 2, y - 2, last + side + 1, y + side + 1), outline=(0, 150, 0) if ok else (200, 0, 0),
                            width=2)

@@ -153,7 +153,8 @@ def test_small_replicated_tensors_are_saved_whole_not_sliced_per_replica(tmp_pat
     model's tensors are all under `MIN_REPLICA_SLICE_BYTES`, so none is sliced."""
     mesh = parallel.create_mesh((2, 2, 2))
     state, _ = _state(mesh)
-    replicated = [x for x in jax.tree.leaves(state) if len(x.sharding.device_set) > 1 and x.sharding.is_fully_replicated]
+    replicated = [x for x in jax.tree.leaves(state)
+                  if len(x.sharding.device_set) > 1 and x.sharding.is_fully_replicated]
     assert replicated  # the case in question: tensors held whole by several devices
     assert max(x.nbytes for x in jax.tree.leaves(state)) < params_lib.MIN_REPLICA_SLICE_BYTES
     with caplog.at_level(logging.WARNING), jax.log_compiles(True):
