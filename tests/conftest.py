@@ -43,8 +43,9 @@ sys.path.insert(0, REPO)  # for `configs`
 
 import pytest  # noqa: E402
 
-# The three longest tests (5, 4 and 3 minutes on 2 cores) go first, longest first, so that under
-# `pytest -n 2` the workers start them while the rest wait, instead of one of them starting last.
+# The three longest tests (about 5, 2.5 and 2.5 minutes on 2 cores) go first, in that order, so
+# that under `pytest -n 2` the workers start them while the rest wait, instead of one of them
+# starting last.
 # (`make test` runs xdist with --dist loadgroup: a module whose tests share an expensive module
 # fixture marks itself `pytest.mark.xdist_group`, so the fixture is built on one worker, once.
 # Tests moved here must not share a module fixture: xdist built such a fixture once per test
