@@ -12,6 +12,7 @@ parameters without importing the trainer. Foreign weight files (safetensors, tor
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import pathlib
@@ -140,15 +141,13 @@ _READ_ONLY_NOTICES = _ReadOnlyNotices()
 # 58 s two-step VQ-GAN run on 8 CPU devices) at a run's first save. Slices of a MiB or more, the
 # ones worth writing in parallel, are still split.
 MIN_REPLICA_SLICE_BYTES = 1 << 20
-_array_handler = None
 
 
+@functools.cache
 def _register_array_handler() -> None:
     """Orbax's jax.Array handler, with `MIN_REPLICA_SLICE_BYTES`, for every save (once)."""
-    global _array_handler
-    if _array_handler is None:
-        _array_handler = ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES)
-        ocp.type_handlers.register_type_handler(jax.Array, _array_handler, override=True)
+    handler = ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES)
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
 
 
 def manager(directory: str | pathlib.Path, **options) -> ocp.CheckpointManager:
