@@ -44,6 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--lr', type=float, default=0.0, help='peak learning rate (0: the config\'s)')
     p.add_argument('--loss', default='', help="'cm3' or 'prompt' ('': the config's)")
     p.add_argument('--examples', type=int, default=0, help='Shapes examples per task (0: the config\'s)')
+    p.add_argument('--weights', default='', help="the task mixture, e.g. 'edit:2,caption:2' ('': the config's)")
     p.add_argument('--edit_cfg', type=float, default=1.5, help='text guidance of edits')
     p.add_argument('--edit_image_cfg', type=float, default=1.0, help='image guidance of edits')
     p.add_argument('--temperature', type=float, default=0.5, help='image sampling temperature')
@@ -66,6 +67,8 @@ def sft_config(args):
         config.data.loss = args.loss
     if args.examples:
         config.data.shapes_examples = args.examples
+    if args.weights:
+        config.data.weights = args.weights
     return config
 
 

@@ -58,6 +58,20 @@ def test_render_draws_centred_text_in_the_palette_colour():
     np.testing.assert_array_equal(img[11:21, 5:11].any(-1), G.glyph('a').repeat(2, 0).repeat(2, 1))
 
 
+@pytest.mark.parametrize('text', ['a', 'ab', 'ab1'])
+def test_render_aligns_the_line_to_the_patch_grid(text):
+    """With align=4 every 2x2 font pixel lies inside one 4x4 patch: the line starts at the centred
+    corner rounded down to a multiple of 4, and reads back the same."""
+    cfg = G.WriteConfig(align=4)
+    img = G.render_text(text, 'green', cfg)
+    y0, x0 = (32 - 10) // 2 // 4 * 4, (32 - cfg.width(len(text))) // 2 // 4 * 4
+    np.testing.assert_array_equal(img[y0:y0 + 10, x0:x0 + 6].any(-1), G.glyph('a').repeat(2, 0).repeat(2, 1))
+    assert img.any(-1).sum() == G.render_text(text, 'green').any(-1).sum()
+    assert G.legible(img, text, cfg)
+    with pytest.raises(ValueError, match='align'):
+        G.WriteConfig(align=0)
+
+
 def test_every_character_reads_back_alone_in_every_colour():
     for c, colour in itertools.product(G.ALPHABET, CFG.colours):
         assert G.read_text(G.render_text(c, colour)) == c, (c, colour)

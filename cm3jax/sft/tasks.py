@@ -56,8 +56,9 @@ def _grounded(cfg, rng, split):
 
 def write_config(cfg: shapes.ShapesConfig) -> glyphs.WriteConfig:
     """The how-to-write task's font on ``cfg``'s canvas: glyphs of 2x2-pixel dots where it has
-    room, which a 4x4-patch tokenizer keeps apart."""
-    return glyphs.WriteConfig(canvas=cfg.canvas, scale=2 if cfg.canvas >= 32 else 1)
+    room, each inside one patch of a 4x4-patch tokenizer (the line aligned to the patch grid)."""
+    big = cfg.canvas >= 32
+    return glyphs.WriteConfig(canvas=cfg.canvas, scale=2 if big else 1, align=4 if big else 1)
 
 
 def held_out_text(text: str) -> bool:

@@ -59,7 +59,11 @@ def glyph(ch: str) -> np.ndarray:
 class WriteConfig:
     """canvas: image side in pixels. scale: each font pixel is a scale x scale block.
     spacing: blank font pixels between glyphs (before scaling). min_chars / max_chars: length of
-    sampled strings. colours: names from `PALETTE`.
+    sampled strings. colours: names from `PALETTE`. align: the line's top-left corner is the
+    centred one rounded down to a multiple of ``align`` pixels. Set it to the image tokenizer's
+    patch side (a multiple of ``scale``) so that no font pixel straddles two patches; a centred
+    line of odd offset puts every 2x2 font pixel across four 4x4 patches, and the quickstart's
+    VQ-GAN then rebuilds only a quarter of the strings legibly (docs/sft.md).
     """
     canvas: int = 32
     scale: int = 2
@@ -67,6 +71,7 @@ class WriteConfig:
     min_chars: int = 1
     max_chars: int = 3
     colours: tuple[str, ...] = ('red', 'green', 'blue', 'yellow', 'purple', 'cyan')
+    align: int = 1
 
     def __post_init__(self):
         # A tuple keeps the config hashable whatever container the caller (a config file) used.
@@ -78,6 +83,8 @@ class WriteConfig:
             fail('scale', f'must be >= 1, got {self.scale}')
         if self.spacing < 0:
             fail('spacing', f'must be >= 0, got {self.spacing}')
+        if self.align < 1:
+            fail('align', f'must be >= 1, got {self.align}')
         if self.canvas < 5 * self.scale:
             fail('canvas', f'{self.canvas} pixels is shorter than one glyph ({5 * self.scale} at scale '
                            f'{self.scale}); raise canvas or lower scale')
@@ -117,7 +124,8 @@ def _check_text(text: str, max_fit: int) -> None:
 
 
 def render_text(text: str, colour: str, cfg: WriteConfig = WriteConfig()) -> np.ndarray:
-    """uint8 [canvas, canvas, 3]: `text` on one line in a `PALETTE` colour on `BACKGROUND`, centred."""
+    """uint8 [canvas, canvas, 3]: `text` on one line in a `PALETTE` colour on `BACKGROUND`, centred
+    (down to a multiple of ``cfg.align``)."""
     _check_text(text, cfg.max_fit)
     if colour not in PALETTE:
         raise ValueError(f'render_text: unknown colour {colour!r}; known: {sorted(PALETTE)}')
@@ -128,7 +136,8 @@ def render_text(text: str, colour: str, cfg: WriteConfig = WriteConfig()) -> np.
     line = line.repeat(cfg.scale, 0).repeat(cfg.scale, 1)
     img = np.empty((cfg.canvas, cfg.canvas, 3), np.uint8)
     img[:] = BACKGROUND
-    y0, x0 = (cfg.canvas - line.shape[0]) // 2, (cfg.canvas - line.shape[1]) // 2
+    a = cfg.align
+    y0, x0 = (cfg.canvas - line.shape[0]) // 2 // a * a, (cfg.canvas - line.shape[1]) // 2 // a * a
     img[y0:y0 + line.shape[0], x0:x0 + line.shape[1]][line] = PALETTE[colour]
     return img
 
