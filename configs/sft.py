@@ -31,6 +31,9 @@ def get_config(arg: str = 'shapes') -> ConfigDict:
     # > 0: a longer context for a RoPE model (its parameters do not depend on it): an edit is two
     # images and a template, about 190 tokens with the quickstart's BPE, past its context of 192
     config.max_len = 0 if tiny else 256
+    # > 0: this many new blocks, each starting as the identity, interleaved with the pretrained
+    # ones (LLaMA Pro's block expansion; `cm3jax.model.grow`): depth the pretrained model lacks
+    config.grow_layers = 0
     config.loss, config.mesh, config.sharding = base.loss, base.mesh, base.sharding
     # The paper: lr 5e-5 and warmup 150, after pretraining at a peak of 1e-4 to 6e-4. The toy was
     # pretrained at 6e-3 (Muon) and must learn six new formats in minutes, so it fine-tunes at

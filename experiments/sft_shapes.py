@@ -45,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--loss', default='', help="'cm3' or 'prompt' ('': the config's)")
     p.add_argument('--examples', type=int, default=0, help='Shapes examples per task (0: the config\'s)')
     p.add_argument('--weights', default='', help="the task mixture, e.g. 'edit:2,caption:2' ('': the config's)")
+    p.add_argument('--grow', type=int, default=-1,
+                   help='new identity blocks placed among the pretrained ones (-1: the config\'s grow_layers)')
     p.add_argument('--edit_cfg', type=float, default=1.5, help='text guidance of edits')
     p.add_argument('--edit_image_cfg', type=float, default=1.0, help='image guidance of edits')
     p.add_argument('--temperature', type=float, default=0.5, help='image sampling temperature')
@@ -69,6 +71,8 @@ def sft_config(args):
         config.data.shapes_examples = args.examples
     if args.weights:
         config.data.weights = args.weights
+    if args.grow >= 0:
+        config.grow_layers = args.grow
     return config
 
 
@@ -230,15 +234,17 @@ def main(argv=None) -> int:
                                                                              sys.argv[1:])]),
               'sft_steps': int(summary['step']), 'sft_seconds': round(trained, 1),
               'loss': config.data.loss, 'learning_rate': config.optim.learning_rate,
+              'grow_layers': config.grow_layers,
               'sampling': {'temperature': args.temperature, 'top_p': args.top_p, 'edit_cfg': args.edit_cfg,
                            'edit_image_cfg': args.edit_image_cfg},
               'final_train_loss': summary.get('loss'), 'eval_loss': summary.get('eval/loss'),
               'answers_after': outputs['after']['vqa'][:8], 'captions_after': outputs['after']['caption'][:8]}
     (results / 'sft_shapes.json').write_text(json.dumps(out, indent=1))
     (results / 'sft_shapes_run.json').write_text(json.dumps(record, indent=1))
+    grown = f', {config.grow_layers} new blocks' if config.grow_layers else ''
     text = (f'# SFT on the Shapes task mixture: before and after\n\n`{record["command"]}`\n\n'
             f'{summary["step"]} steps of configs/sft.py:shapes (loss {config.data.loss}, lr '
-            f'{config.optim.learning_rate:g}) in {trained / 60:.1f} min; {args.items} held-out examples per task '
+            f'{config.optim.learning_rate:g}{grown}) in {trained / 60:.1f} min; {args.items} held-out examples per task '
             f'(± is the standard error).\n\n{table(out)}\n')
     (results / 'sft_shapes.md').write_text(text)
     picture(outputs['before'], outputs['after'], {t: judged['after'][k] for t, k in JUDGED.items()}, config,

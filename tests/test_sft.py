@@ -328,6 +328,45 @@ def test_sft_configs_are_checked(pretrained):
         sft_configs.get_config('huge')
 
 
+def test_grown_blocks_start_as_the_identity_and_sft_grows_the_pretrained_model(pretrained, sft_dir, tmp_path):
+    import dataclasses
+
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from cm3jax.model import grow, transformer
+    assert grow.placement(2, 2) == ('old', 'new', 'old', 'new') and grow.placement(2, 1) == ('old', 'old', 'new')
+    assert grow.placement(3, 0) == ('old',) * 3
+    gen, mesh, rules = load.load_generator(pretrained / 'lm')
+    old = grow.num_layers(gen.params)
+    deeper = transformer.Transformer(dataclasses.replace(gen.model.cfg, num_layers=old + 2))
+    tokens = jax.random.randint(jax.random.key(1), (8, 24), 0, gen.model.cfg.vocab_size)  # a row per device
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        fresh = nn.unbox(deeper.init(jax.random.key(2), tokens)['params'])
+        grown = grow.grow(gen.params, fresh)
+        want = gen.model.apply({'params': gen.params}, tokens)
+        np.testing.assert_allclose(deeper.apply({'params': grown}, tokens), want, atol=1e-5)
+        # the unrolled layout (what decoding uses) grows the same way
+        (flat_model, flat_old), (_, flat_fresh) = transformer.unrolled(gen.model, gen.params), \
+            transformer.unrolled(deeper, fresh)
+        flat = grow.grow(flat_old, flat_fresh)
+        assert grow.num_layers(flat) == old + 2 and flat['layers_1'] is flat_fresh['layers_0']
+    assert not jnp.allclose(fresh['layers']['attn']['wq'][0], grown['layers']['attn']['wq'][0])
+
+    config = sft_configs.get_config('tiny')
+    config.grow_layers = 1
+    config.data.dir = str(sft_dir)
+    config.train.update(steps=4, eval_every=0, log_every=2, checkpoint_every=100, progress=False, seq_len=128,
+                        batch=8)
+    trainers.train(config, str(tmp_path / 'grown'), init_from=str(pretrained / 'lm'))
+    saved = json.loads((tmp_path / 'grown' / 'config.json').read_text())
+    assert saved['model']['num_layers'] == old + 1 and saved['grow_layers'] == 1
+    assert grow.num_layers(load.load_generator(tmp_path / 'grown')[0].params) == old + 1
+    config.grow_layers = -1
+    with pytest.raises(Exception, match='grow_layers=-1'):
+        trainers.train(config, str(tmp_path / 'bad'), init_from=str(pretrained / 'lm'))
+
+
 def test_sample_edits_answers_and_traces_from_the_command_line(pretrained, tmp_path, repo):
     scene = shapes.sample_scene(WORLD, np.random.default_rng(1))
     Image.fromarray(shapes.render(scene)).save(tmp_path / 'scene.png')

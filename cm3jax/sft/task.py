@@ -21,7 +21,9 @@ from ml_collections import ConfigDict
 
 from cm3jax.data import cm3, prepare as data_prepare
 from cm3jax.errors import ConfigError
+from cm3jax import params as params_lib
 from cm3jax.lm import task as lm_task
+from cm3jax.model import grow
 from cm3jax.sft import data as sft_data, mixture, prepare, tasks
 from cm3jax.train.run import Env, Task
 
@@ -29,8 +31,9 @@ from cm3jax.train.run import Env, Task
 def with_pretrained(config, init_from: str | None) -> ConfigDict:
     """``config`` with the ``model`` of the pretrained run it fine-tunes (and ``init_from``
     recorded); ``model.max_len`` may grow by ``config.max_len`` for RoPE models, whose
-    parameters do not depend on it. The pretrained run's caption dropout is kept too: sampling
-    reads it to know the unconditional stream's token."""
+    parameters do not depend on it, and ``model.num_layers`` by ``config.grow_layers`` (new
+    blocks that start as the identity, `cm3jax.model.grow`). The pretrained run's caption
+    dropout is kept too: sampling reads it to know the unconditional stream's token."""
     source = init_from or config.get('init_from', '')
     if not source:
         raise ConfigError('SFT fine-tunes a pretrained model: give --init_from=RUN (a `cm3jax train` run on '
@@ -54,7 +57,25 @@ def with_pretrained(config, init_from: str | None) -> ConfigDict:
             raise ConfigError(f'max_len={config.max_len}: only a RoPE model can change its context (this one has '
                               f'{model["position"]} positions of {model["max_len"]}); leave max_len=0')
         config.model.max_len = config.max_len
+    extra = config.get('grow_layers', 0)
+    if not isinstance(extra, int) or extra < 0:
+        raise ConfigError(f'grow_layers={extra!r}: give how many new blocks to add (an int >= 0)')
+    config.model.num_layers = model['num_layers'] + extra
     return config
+
+
+def restore_pretrained(env: Env, path: str, target, step: int | None):
+    """The pretrained params (`cm3jax.train.run.Task.init_from`); with ``grow_layers`` > 0 they
+    are restored into the pretrained depth and placed among fresh identity blocks."""
+    extra = env.config.get('grow_layers', 0)
+    if not extra:
+        return params_lib.restore(path, target, step)
+    old = env.config.model.num_layers - extra
+    pretrained = params_lib.restore(path, grow.shrunk(target, old), step)
+    fresh, _ = params_lib.init_sharded(lambda rng: lm_task.init(env, rng), env.mesh, env.rules,
+                                       jax.random.key(env.config.seed), target=target)
+    env.say(f'grew {old} pretrained blocks to {old + extra}: ' + ' '.join(grow.placement(old, extra)))
+    return jax.jit(grow.grow, out_shardings=params_lib.shardings_of(target))(pretrained, fresh)
 
 
 def data_config(config, seed: int) -> sft_data.SFTDataConfig:
@@ -155,4 +176,5 @@ def evals(env: Env, writer) -> list:
 def task(config) -> Task:
     """SFT for `cm3jax.train.run.run` (``config.task == 'sft'``; configs/sft.py): the LM's Task
     on the mixture's data."""
-    return dataclasses.replace(lm_task.task(config), name='sft', build=build, train_data=train_data, evals=evals)
+    return dataclasses.replace(lm_task.task(config), name='sft', build=build, train_data=train_data, evals=evals,
+                               init_from=restore_pretrained)
