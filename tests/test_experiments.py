@@ -184,8 +184,8 @@ def test_the_sft_experiment_checks_arguments_and_tables_every_metric(sft):
     args = sft.parse_args(['--items=4', '--steps=10', '--loss=prompt', '--weights=edit:3,caption:2'])
     config = sft.sft_config(args)
     assert config.train.steps == 10 and config.data.loss == 'prompt' and config.task == 'sft'
-    assert config.data.weights == 'edit:3,caption:2' and config.grow_layers == 0
-    assert sft.sft_config(sft.parse_args(['--grow=2'])).grow_layers == 2
+    assert config.data.weights == 'edit:3,caption:2' and config.grow_layers == 2  # the preset's
+    assert sft.sft_config(sft.parse_args(['--grow=0'])).grow_layers == 0
     with pytest.raises(SystemExit):
         sft.parse_args(['--items=0'])
     md = sft.table({'vqa': {'before': 0.1, 'after': 0.9, 'n': 100},
