@@ -4,7 +4,8 @@ instruction tasks, on the shared harness (`cm3jax.sft.task`).
 ``get_config(arg)`` presets and their launch commands:
 
   shapes   the Shapes task mixture (edit, structure, grounded, write, vqa, caption) on the
-           quickstart's pretrained model (`make demo` first):
+           quickstart's pretrained model grown from 2 blocks to 4 (`make demo` first; about 80
+           minutes on two CPU cores):
            cm3jax train --config=configs/sft.py:shapes --init_from=out/quickstart/lm --workdir=runs/sft
   tiny     the same at toy size, for tests.
 
