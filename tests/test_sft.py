@@ -347,8 +347,8 @@ def test_grown_blocks_start_as_the_identity_and_sft_grows_the_pretrained_model(p
         want = gen.model.apply({'params': gen.params}, tokens)
         np.testing.assert_allclose(deeper.apply({'params': grown}, tokens), want, atol=1e-5)
         # the unrolled layout (what decoding uses) grows the same way
-        (flat_model, flat_old), (_, flat_fresh) = transformer.unrolled(gen.model, gen.params), \
-            transformer.unrolled(deeper, fresh)
+        _, flat_old = transformer.unrolled(gen.model, gen.params)
+        _, flat_fresh = transformer.unrolled(deeper, fresh)
         flat = grow.grow(flat_old, flat_fresh)
         assert grow.num_layers(flat) == old + 2 and flat['layers_1'] is flat_fresh['layers_0']
     assert not jnp.allclose(fresh['layers']['attn']['wq'][0], grown['layers']['attn']['wq'][0])

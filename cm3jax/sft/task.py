@@ -19,9 +19,9 @@ import pathlib
 import jax
 from ml_collections import ConfigDict
 
+from cm3jax import params as params_lib
 from cm3jax.data import cm3, prepare as data_prepare
 from cm3jax.errors import ConfigError
-from cm3jax import params as params_lib
 from cm3jax.lm import task as lm_task
 from cm3jax.model import grow
 from cm3jax.sft import data as sft_data, mixture, prepare, tasks
