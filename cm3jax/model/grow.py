@@ -34,11 +34,16 @@ def _stacked(params) -> bool:
     return 'layers' in params
 
 
+def _is_block(key: str) -> bool:
+    """Whether a top-level params key holds blocks (``layers`` stacked, or ``layers_i``)."""
+    return key == 'layers' or key.startswith('layers_')
+
+
 def num_layers(params) -> int:
     """The number of blocks in ``params`` (scanned ``layers`` [L, ...] or ``layers_0`` ...)."""
     if _stacked(params):
         return jax.tree.leaves(params['layers'])[0].shape[0]
-    return sum(1 for k in params if k.startswith('layers_'))
+    return sum(1 for k in params if _is_block(k))
 
 
 def shrunk(target, old: int):
@@ -48,7 +53,7 @@ def shrunk(target, old: int):
         def cut(x):
             return jax.ShapeDtypeStruct((old, *x.shape[1:]), x.dtype, sharding=getattr(x, 'sharding', None))
         return {**target, 'layers': jax.tree.map(cut, target['layers'])}
-    return {k: v for k, v in target.items() if not k.startswith('layers_') or int(k.split('_')[1]) < old}
+    return {k: v for k, v in target.items() if not _is_block(k) or int(k.split('_')[1]) < old}
 
 
 def grow(pretrained, fresh):
@@ -58,16 +63,11 @@ def grow(pretrained, fresh):
     'new' places. Both trees use the same layout (scanned or not). Pure: jit it with the grown
     model's shardings as ``out_shardings`` (every host then places only its own shards)."""
     old, total = num_layers(pretrained), num_layers(fresh)
-    if total < old:
-        raise ValueError(f'cannot grow {old} blocks into {total}')
-    order = placement(old, total - old)
     # grown block k is pretrained block src[k] (< old) or fresh block src[k] - old
-    src, i, j = [], 0, 0
-    for kind in order:
-        src.append(i if kind == 'old' else old + j)
-        i, j = i + (kind == 'old'), j + (kind == 'new')
-    out = {k: v for k, v in pretrained.items() if not (k == 'layers' or k.startswith('layers_'))}
-    missing = set(fresh) - set(out) - {k for k in fresh if k == 'layers' or k.startswith('layers_')}
+    olds, news = iter(range(old)), iter(range(old, total))
+    src = [next(olds) if kind == 'old' else next(news) for kind in placement(old, total - old)]
+    out = {k: v for k, v in pretrained.items() if not _is_block(k)}
+    missing = {k for k in fresh if not _is_block(k)} - set(out)
     if missing:
         raise ValueError(f'the pretrained params lack {sorted(missing)}: not the same model but deeper')
     if _stacked(fresh):
