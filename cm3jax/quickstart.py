@@ -291,18 +291,19 @@ def sample_config(config):
 ROWS = 512  # samples per decode call: large batches amortise each step's fixed cost
 
 
-def draw(gen, captions: list[str], num: int, sample, seed: int, desc: str = 'draw') -> np.ndarray:
-    """``num`` images per caption -> uint8 [P, num, R, R, 3], in decode calls of about ``ROWS``
-    samples, each call's key folded from ``seed`` and its first caption's index."""
+def draw(gen, captions: list[str], num: int, sample, seed: int, desc: str = 'draw') -> tuple[np.ndarray, np.ndarray]:
+    """``num`` images per caption -> (uint8 images [P, num, R, R, 3], their codes Int[P, num, h, w]),
+    in decode calls of about ``ROWS`` samples, each call's key folded from ``seed`` and its first
+    caption's index."""
     import jax
     from cm3jax.sample import generate
-    step, images = max(1, ROWS // num), []
+    step, drawn = max(1, ROWS // num), []
     width = 1 + max(len(gen.text(c)) for c in captions)  # caption <break>: every call of one shape
     for start in tqdm(range(0, len(captions), step), desc=desc, unit='call', leave=False):
         rng = jax.random.fold_in(jax.random.key(seed), start)
-        images.append(generate.text_to_image(gen, captions[start:start + step], num=num, sample=sample,
-                                             rng=rng, pad_to=width)['images'])
-    return np.concatenate(images)
+        drawn.append(generate.text_to_image(gen, captions[start:start + step], num=num, sample=sample,
+                                            rng=rng, pad_to=width))
+    return tuple(np.concatenate([d[k] for d in drawn]) for k in ('images', 'codes'))
 
 
 def text_to_image(config, out: pathlib.Path) -> dict:
@@ -318,9 +319,9 @@ def text_to_image(config, out: pathlib.Path) -> dict:
             for name, (cfg, split) in prompt_sets(config).items()}
     once = [name for name in sets if name != 'main']  # one sample per caption: drawn together, in calls of one shape
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        main = draw(gen, sets['main'], config.sample.num, sample, config.seed, 'draw main')
-        rest = draw(gen, sum((sets[name] for name in once), []), 1, sample, config.seed + 1, 'draw the other sets')
-    arrays['main/images'] = main
+        main, codes = draw(gen, sets['main'], config.sample.num, sample, config.seed, 'draw main')
+        rest, _ = draw(gen, sum((sets[name] for name in once), []), 1, sample, config.seed + 1, 'draw the other sets')
+    arrays['main/images'], arrays['main/codes'] = main, codes
     for name, images in zip(once, np.split(rest, len(once))):
         arrays[f'{name}/images'] = images
     for name, captions in sets.items():
@@ -328,7 +329,7 @@ def text_to_image(config, out: pathlib.Path) -> dict:
     arrays['main/scores'] = clip_scores(retrieval_load.load_retriever(out / 'retriever'), arrays['main/images'],
                                         arrays['main/captions'])
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        arrays['main/lm_scores'] = lm_scores(gen, arrays['main/images'], arrays['main/captions'])
+        arrays['main/lm_scores'] = lm_scores(gen, codes, arrays['main/captions'])
     np.savez_compressed(out / 'text_to_image.npz', **arrays)
     return {'file': str(out / 'text_to_image.npz')}
 
@@ -340,14 +341,16 @@ def clip_scores(retriever, images: np.ndarray, captions) -> np.ndarray:
     return np.asarray(flat).reshape(images.shape[:2])
 
 
-def lm_scores(gen, images: np.ndarray, captions) -> np.ndarray:
-    """uint8 [P, N, R, R, 3] and P captions -> Float[P, N]: minus the nats the LM spends writing
-    each caption after its image (`generate.caption_nll`): a re-ranker beside CLIP that reads the
-    samples with the model that binds colours to shapes (about as good as the tiny CLIP so far;
-    docs/quickstart.md, "Binding")."""
+def lm_scores(gen, codes: np.ndarray, captions) -> np.ndarray:
+    """The codes the LM drew, Int[P, N, h, w], and P captions -> Float[P, N]: minus the nats the LM
+    spends writing each caption after its sample (`generate.caption_nll_codes`): a re-ranker beside
+    CLIP that reads the samples with the model that binds colours to shapes. It reads the drawn
+    codes, not the decoded pixels: encoding those again changes many codes, which the LM reads
+    far worse (docs/quickstart.md, "Binding")."""
     from cm3jax.sample import generate
-    flat = generate.caption_nll(gen, images.reshape(-1, *images.shape[2:]), list(np.repeat(captions, images.shape[1])))
-    return -flat.reshape(images.shape[:2])
+    flat = generate.caption_nll_codes(gen, codes.reshape(-1, *codes.shape[2:]),
+                                      list(np.repeat(captions, codes.shape[1])))
+    return -flat.reshape(codes.shape[:2])
 
 
 def captions(config, out: pathlib.Path) -> dict:

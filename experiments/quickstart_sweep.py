@@ -68,7 +68,7 @@ def measure(args, config, out: pathlib.Path, todo: list[tuple[float, float, str]
         begin = time.perf_counter()
         sample = dataclasses.replace(base, cfg_scale=cfg, temperature=temperature, mode=mode)
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            images = quickstart.draw(gen, captions, args.num, sample, config.seed, key(cfg, temperature, mode))
+            images, _ = quickstart.draw(gen, captions, args.num, sample, config.seed, key(cfg, temperature, mode))
         best = quickstart.clip_scores(retriever, images, captions).argmax(1)
         exact = quickstart.judge_drawn(images, captions, quickstart.world(config))['exact']
         done[key(cfg, temperature, mode)] = {

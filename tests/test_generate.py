@@ -98,6 +98,8 @@ def test_caption_nll_is_the_teacher_forced_loss_of_caption_and_eos_after_the_ima
         logp = jax.nn.log_softmax(logits[0, :, :v.size].astype(jnp.float32))
         want = -sum(float(logp[len(row) - 1 - len(target) + j, t]) for j, t in enumerate(target))
         assert nll == pytest.approx(want, rel=1e-4)
+    codes = np.asarray(vq.encode(gen.vq_params, images, VQ))  # the model's own samples are scored on their codes
+    np.testing.assert_allclose(generate.caption_nll_codes(gen, codes, captions, batch=2), got, rtol=1e-6)
     # image_nll goes through the same teacher forcing: its mean over image tokens
     assert generate.image_nll(gen, captions, images).shape == (3,)
     with pytest.raises(ValueError, match='one caption per image'):

@@ -64,6 +64,8 @@ def test_the_quickstart_runs_every_stage_resumes_and_survives_a_kill(tmp_path, r
     assert 0 <= report['tokenizer']['judge_roundtrip']['value'] <= 1
     assert set(report['stages']) == set(quickstart.STAGES) and report['wall_seconds'] > 0
     assert 'samples.png' in first.stdout and str(out) in first.stdout  # it says where its outputs are
+    drawn = np.load(out / 'text_to_image.npz')  # the LM re-ranks the codes it drew, kept beside their pictures
+    assert drawn['main/codes'].shape[:2] == drawn['main/images'].shape[:2] == drawn['main/lm_scores'].shape
 
     # ---- it learned: the LM's loss fell, the judge finds attributes above chance ----
     losses = _losses(out / 'lm')

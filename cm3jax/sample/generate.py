@@ -244,12 +244,21 @@ def image_nll(gen: Generator, captions: Sequence[str | None], images: np.ndarray
 def caption_nll(gen: Generator, images: np.ndarray, captions: Sequence[str], *, batch: int = 256) -> np.ndarray:
     """Total NLL, in nats, of each caption (and its ``<eos>``) written after its uint8 image
     [N, R, R, C] in the image-to-text order ``[image] <break> caption <eos>`` -> Float64[N]: the
-    model's own judgement of how well an image fits a caption (re-ranking by it needs no CLIP)."""
+    model's own judgement of how well an image fits a caption (re-ranking by it needs no CLIP).
+    For the model's own samples use `caption_nll_codes` on the codes it drew: decoding and
+    encoding again changes many codes, and the model reads those far worse (docs/quickstart.md)."""
     if len(captions) != len(images):
         raise ValueError(f'caption_nll needs one caption per image; got {len(captions)} and {len(images)}')
+    return caption_nll_codes(gen, np.asarray(vq.encode(gen.vq_params, images, gen.vq_cfg)), captions, batch=batch)
+
+
+def caption_nll_codes(gen: Generator, codes: np.ndarray, captions: Sequence[str], *, batch: int = 256) -> np.ndarray:
+    """`caption_nll` of images given as their VQ codes Int[N, h, w] (or [N, h*w]) -> Float64[N]."""
+    if len(captions) != len(codes):
+        raise ValueError(f'caption_nll needs one caption per image; got {len(captions)} and {len(codes)}')
     v = gen.vocab
-    codes = np.asarray(vq.encode(gen.vq_params, images, gen.vq_cfg)).reshape(len(images), -1)
-    prompts = [np.concatenate([row, [v.break_]]).astype(np.int32) for row in np.asarray(v.image_ids(codes), np.int32)]
+    ids = np.asarray(v.image_ids(np.asarray(codes).reshape(len(codes), -1)), np.int32)
+    prompts = [np.concatenate([row, [v.break_]]).astype(np.int32) for row in ids]
     targets = [np.concatenate([gen.text(c), [v.eos]]).astype(np.int32) for c in captions]
     return sequence_nll(gen, prompts, targets, batch=batch)
 
