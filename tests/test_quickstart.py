@@ -10,12 +10,16 @@ import subprocess
 import sys
 import time
 
+import flax.linen as nn
+import jax
 import numpy as np
 import pytest
 
 from cm3jax import quickstart
 from cm3jax.errors import ConfigError
 from cm3jax.eval.stats import rate
+from cm3jax.sample import load
+from cm3jax.vq import model as vq
 from configs import quickstart as qs_configs
 from tests.helpers import one_device_env
 
@@ -64,8 +68,15 @@ def test_the_quickstart_runs_every_stage_resumes_and_survives_a_kill(tmp_path, r
     assert 0 <= report['tokenizer']['judge_roundtrip']['value'] <= 1
     assert set(report['stages']) == set(quickstart.STAGES) and report['wall_seconds'] > 0
     assert 'samples.png' in first.stdout and str(out) in first.stdout  # it says where its outputs are
-    drawn = np.load(out / 'text_to_image.npz')  # the LM re-ranks the codes it drew, kept beside their pictures
-    assert drawn['main/codes'].shape[:2] == drawn['main/images'].shape[:2] == drawn['main/lm_scores'].shape
+    # the LM re-ranks the codes it drew (kept beside their pictures), not the pictures encoded again
+    drawn = np.load(out / 'text_to_image.npz')
+    gen, mesh, rules = load.load_generator(out / 'lm')
+    codes = drawn['main/codes']
+    decoded = vq.decode(gen.vq_params, codes.reshape(-1, *codes.shape[2:]), gen.vq_cfg)
+    np.testing.assert_array_equal(np.asarray(decoded).reshape(drawn['main/images'].shape), drawn['main/images'])
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        rescored = quickstart.lm_scores(gen, codes, drawn['main/captions'])
+    np.testing.assert_allclose(drawn['main/lm_scores'], rescored, rtol=1e-5)
 
     # ---- it learned: the LM's loss fell, the judge finds attributes above chance ----
     losses = _losses(out / 'lm')

@@ -247,8 +247,6 @@ def caption_nll(gen: Generator, images: np.ndarray, captions: Sequence[str], *, 
     model's own judgement of how well an image fits a caption (re-ranking by it needs no CLIP).
     For the model's own samples use `caption_nll_codes` on the codes it drew: decoding and
     encoding again changes many codes, and the model reads those far worse (docs/quickstart.md)."""
-    if len(captions) != len(images):
-        raise ValueError(f'caption_nll needs one caption per image; got {len(captions)} and {len(images)}')
     return caption_nll_codes(gen, np.asarray(vq.encode(gen.vq_params, images, gen.vq_cfg)), captions, batch=batch)
 
 
