@@ -80,8 +80,10 @@ def _command(kind: str, root: pathlib.Path, where: pathlib.Path) -> tuple[list[s
 
 def _run(argv, progress: Callable[[], int] | None = None, at: float | None = None,
          delay: float = 0.0) -> tuple[float, int]:
-    """Run ``argv`` to the end, or SIGKILL it ``delay`` seconds after ``progress()`` reaches ``at``
-    (without ``progress``: ``at`` seconds after the start). Returns (seconds, return code)."""
+    """Run ``argv`` to the end, or SIGKILL it ``delay`` seconds after ``progress()`` reaches ``at``,
+    or as soon as it reaches ``at + 1`` if that comes first: on a fast machine the delay alone can
+    outlast the rest of the work, and the kill would miss (without ``progress``: ``at`` seconds
+    after the start). Returns (seconds, return code)."""
     start = time.monotonic()
     proc = subprocess.Popen(argv, cwd=damage.REPO, env=damage.ONE_DEVICE, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
@@ -91,7 +93,7 @@ def _run(argv, progress: Callable[[], int] | None = None, at: float | None = Non
         now = time.monotonic() - start
         if at is not None and reached is None and (progress() >= at if progress is not None else now >= at):
             reached = now
-        if reached is not None and now >= reached + delay:
+        if reached is not None and (now >= reached + delay or (progress is not None and progress() >= at + 1)):
             proc.kill()
             break
         if now > 900:  # a hang guard: each run needs well under a minute
@@ -146,8 +148,10 @@ class Trials:
         """A random point of the work left: (units done, or seconds without ``progress``; delay)."""
         if progress is None:  # a warm compilation cache makes the rerun faster than the reference
             return float(self.rng.uniform(0.1, 0.6)) * self.timing[kind], 0.0
-        done = progress()  # a step or a shard takes a few tenths of a second here
-        return int(self.rng.integers(done + 1, max(done + 2, units))), float(self.rng.uniform(0, 0.3))
+        # a step or a shard takes 0.05 to a few tenths of a second, by machine; the kill lands
+        # by the time unit at + 1 shows (`_run`), so at most units - 2 leaves work to interrupt
+        done = progress()
+        return int(self.rng.integers(done + 1, max(done + 2, units - 1))), float(self.rng.uniform(0, 0.3))
 
     def trial(self, kind: str, n: int, kills: int = 1) -> dict:
         """Kill ``kills`` times in a row, each rerun at a random point of the work it has left:
