@@ -91,9 +91,10 @@ def _run(argv, progress: Callable[[], int] | None = None, at: float | None = Non
     threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True).start()  # never blocks the child
     while proc.poll() is None:
         now = time.monotonic() - start
-        if at is not None and reached is None and (progress() >= at if progress is not None else now >= at):
+        got = progress() if progress is not None and at is not None else now  # read once per poll
+        if at is not None and reached is None and got >= at:
             reached = now
-        if reached is not None and (now >= reached + delay or (progress is not None and progress() >= at + 1)):
+        if reached is not None and (now >= reached + delay or (progress is not None and got >= at + 1)):
             proc.kill()
             break
         if now > 900:  # a hang guard: each run needs well under a minute
